@@ -1,0 +1,1 @@
+"""Camera intrinsics, belt-plane homography, encoder scale, diverter geometry and latency."""

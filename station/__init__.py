@@ -1,0 +1,1 @@
+"""The controller: configuration, the loop, sorting rules, line state, records and the `kozan` CLI."""

@@ -1,0 +1,85 @@
+"""Building a station from its configuration: the parts and how they connect.
+
+The only place that knows whether the camera and the diverter controller are real or simulated;
+everything downstream sees the same interfaces.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from calibration.geometry import BeltGeometry
+from station.clock import Clock
+from station.config import StationConfig
+
+log = logging.getLogger(__name__)
+
+
+def geometry_from_config(cfg: StationConfig) -> BeltGeometry:
+    """Belt geometry. Until a calibration file exists (calibration issue), the camera's configured
+    scale stands in for the homography: exact for the simulated line's straight-down camera."""
+    return BeltGeometry.from_scale(cfg.camera.px_per_mm, cfg.line.mm_per_count)
+
+
+def build_detector(cfg: StationConfig):
+    from vision.detector import Detector
+
+    d = cfg.detector
+    return Detector(cfg.resolve(d.model), conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold,
+                    threads=d.intra_op_threads, max_detections=d.max_detections)
+
+
+@dataclass
+class LinkBundle:
+    link: Any                      # firmware_bridge.DiverterLink
+    firmware: Any | None           # the firmware simulator when the line is simulated
+    port: str
+
+    def close(self) -> None:
+        try:
+            self.link.close()
+        finally:
+            if self.firmware is not None:
+                self.firmware.stop()
+
+
+def open_link(cfg: StationConfig, clock: Clock, environment: Any | None = None,
+              watchdog_clock: Callable[[], float] | None = None) -> LinkBundle:
+    """Open and configure the diverter link. With `link.port: sim` the firmware simulator is
+    started on a fresh pseudo-terminal against `environment` (the simulated belt)."""
+    from firmware_bridge import DiverterLink, DiverterSetup, FirmwareSimulator
+
+    fw = None
+    port = cfg.link.port
+    if port == "sim":
+        if environment is None:
+            raise ValueError("link.port=sim needs the simulated line (camera.source=sim)")
+        fw = FirmwareSimulator.on_new_pty(environment, watchdog_clock=watchdog_clock)
+        fw.start()
+        port = fw.slave_path
+    link = DiverterLink(port, baudrate=cfg.link.baudrate, clock=clock.now)
+    try:
+        link.open(timeout=3.0)
+        link.configure(cfg.line.mm_per_count,
+                       [DiverterSetup(d.id, int(round(d.latency_ms * 1000)), int(round(d.max_on_ms)))
+                        for d in cfg.diverters if d.enabled],
+                       watchdog_ms=cfg.link.watchdog_ms, report_interval_ms=cfg.link.report_interval_ms,
+                       timeout=3.0)
+    except Exception:
+        link.close()
+        if fw is not None:
+            fw.stop()
+        raise
+    log.info("diverter link open on %s", port)
+    return LinkBundle(link, fw, port)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()

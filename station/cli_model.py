@@ -1,0 +1,100 @@
+"""`kozan dataset ...` and `kozan model ...`: the ML engineer's commands.
+
+Training imports torch through `vision.training` only inside these handlers, so the station's
+own commands never pay for (or need) the `train` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from vision.taxonomy import REPO_ROOT
+
+
+def _progress(prefix: str):
+    t0 = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            rate = done / max(time.monotonic() - t0, 1e-6)
+            sys.stderr.write(f"\r{prefix}: {done}/{total} images ({rate:.1f}/s)")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+    return show
+
+
+def cmd_dataset_synth(a: argparse.Namespace) -> int:
+    from vision.datasets import write_synth_dataset
+
+    m = write_synth_dataset(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, test_n=a.test_n,
+                            workers=a.workers, progress=_progress("synth"))
+    print(json.dumps({"out": str(a.out), "fingerprint": m["fingerprint"], "n_train": m["n_train"],
+                      "n_val": m["n_val"], "n_test": m["n_test"], "boxes": m["boxes"]}, indent=1))
+    return 0
+
+
+def cmd_model_train(a: argparse.Namespace) -> int:
+    from vision.training import TrainExtraMissing, TrainRecipe, train
+
+    try:
+        run = train(TrainRecipe(data=Path(a.data), model=a.model, imgsz=a.imgsz, epochs=a.epochs, batch=a.batch,
+                                workers=a.workers, threads=a.threads, name=a.name, resume=a.resume,
+                                project=Path(a.project)))
+    except TrainExtraMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_model_export(a: argparse.Namespace) -> int:
+    from vision.datasets import dataset_fingerprint
+    from vision.training import TrainExtraMissing, export_onnx
+
+    fp = dataset_fingerprint(Path(a.data).parent) if a.data else "unknown"
+    try:
+        out = export_onnx(Path(a.weights), Path(a.out), a.imgsz, a.version, fp)
+    except TrainExtraMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {out} (data fingerprint {fp})")
+    return 0
+
+
+def add_model_commands(sub: argparse._SubParsersAction) -> None:
+    ds = sub.add_parser("dataset", help="datasets for training and evaluation")
+    dsub = ds.add_subparsers(dest="dataset_cmd", required=True)
+    s = dsub.add_parser("synth", help="write an ultralytics-ready synthetic dataset from the renderer")
+    s.add_argument("--n", type=int, required=True, help="train+val images")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.add_argument("--val-fraction", type=float, default=0.08)
+    s.add_argument("--test-n", type=int, default=0, help="held-out test images (other seed, shifted settings)")
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=cmd_dataset_synth)
+
+    md = sub.add_parser("model", help="train and export detectors (needs the 'train' extra)")
+    msub = md.add_subparsers(dest="model_cmd", required=True)
+    t = msub.add_parser("train", help="train with ultralytics, offline")
+    t.add_argument("--data", required=True, help="dataset data.yaml")
+    t.add_argument("--model", default="yolo11n.yaml", help="architecture yaml (from scratch) or weights .pt")
+    t.add_argument("--imgsz", type=int, default=320)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    t.add_argument("--name", default="kozan-det")
+    t.add_argument("--project", default=str(REPO_ROOT / "runs" / "train"))
+    t.add_argument("--resume", action="store_true", help="resume the run's last checkpoint")
+    t.set_defaults(func=cmd_model_train)
+    e = msub.add_parser("export", help="export weights to ONNX with Kozan metadata")
+    e.add_argument("weights")
+    e.add_argument("--out", required=True)
+    e.add_argument("--imgsz", type=int, default=320)
+    e.add_argument("--version", required=True)
+    e.add_argument("--data", default=None, help="the data.yaml it was trained on (for the fingerprint)")
+    e.set_defaults(func=cmd_model_export)

@@ -1,0 +1,225 @@
+"""The station's one configuration file: YAML, validated on load.
+
+Every section has defaults that run the simulated line, so an empty file (or none) is a working
+station. Errors name the key, the value given and what is allowed — a technician editing the file
+beside a stopped line must be able to fix it from the message alone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vision.taxonomy import REPO_ROOT, load_taxonomy
+
+MANUAL_BIN = 0  # end of belt: manual check / reject
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run a line; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LineConfig(_Section):
+    belt_speed_mm_s: float = Field(500.0, gt=0, le=4000, description="nominal belt speed")
+    belt_width_mm: float = Field(400.0, gt=0, le=3000)
+    mm_per_count: float = Field(0.1, gt=0, le=10, description="encoder scale")
+    decision_line_mm: float = Field(520.0, gt=0, description="from the camera view's upstream edge")
+    end_of_belt_mm: float = Field(1900.0, gt=0, description="items past this fall into the manual bin")
+    command_margin_ms: float = Field(30.0, ge=0, le=1000,
+                                     description="a divert command must reach the MCU this long before it fires")
+
+
+class CameraConfig(_Section):
+    source: str = Field("sim", description="sim | opencv:<index or url or pipeline> | file:<video> | folder:<dir>")
+    width: int = Field(1280, ge=64, le=8192)
+    height: int = Field(720, ge=64, le=8192)
+    fps: float = Field(30.0, gt=0, le=500)
+    px_per_mm: float = Field(1.8, gt=0, description="sim camera scale; real stations use calibration")
+    exposure_ms: float = Field(1.0, ge=0, le=100, description="sim motion blur")
+
+
+class DiverterConfig(_Section):
+    id: int = Field(ge=1, le=32)
+    bin: int = Field(ge=1, le=32)
+    position_mm: float = Field(gt=0, description="downstream of the camera view's upstream edge")
+    latency_ms: float = Field(15.0, ge=0, le=500)
+    pulse_ms: float = Field(40.0, gt=0, le=1000)
+    max_on_ms: float = Field(200.0, gt=0, le=5000)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _pulse_within_max(self) -> "DiverterConfig":
+        if self.pulse_ms > self.max_on_ms:
+            raise ValueError(f"pulse_ms={self.pulse_ms} exceeds max_on_ms={self.max_on_ms}")
+        return self
+
+
+def _default_diverters() -> list[DiverterConfig]:
+    return [DiverterConfig(id=i, bin=i, position_mm=900.0 + 220.0 * (i - 1)) for i in range(1, 5)]
+
+
+class RulesConfig(_Section):
+    class_to_bin: dict[str, int] = Field(default_factory=lambda: {
+        "li_ion_cell": 1, "li_ion_pack": 1,
+        "alkaline": 2, "nimh": 2, "coin_cell": 2, "lead_acid": 2,
+        "board_high": 3, "board_low": 4,
+    })
+    bin_names: dict[int, str] = Field(default_factory=lambda: {
+        0: "manual / end of belt", 1: "Li-ion batteries", 2: "other batteries",
+        3: "high-grade boards", 4: "low-grade boards",
+    })
+    min_confidence: float = Field(0.55, ge=0, le=1, description="vote-weighted confidence below this goes to manual")
+    min_views: int = Field(3, ge=1, le=100, description="frames an item must be seen in before it is sorted")
+    battery_guard_share: float = Field(0.15, ge=0, le=1,
+                                       description="a board whose votes are this battery-like goes to manual")
+    attached_overlap: float = Field(0.6, gt=0, le=1,
+                                    description="a battery box this much inside a board box is attached to it")
+
+
+class DetectorConfig(_Section):
+    model: str = Field("models/active.onnx", description="ONNX model path (relative to the repo root)")
+    conf_threshold: float = Field(0.25, ge=0, le=1)
+    iou_threshold: float = Field(0.5, ge=0, le=1)
+    intra_op_threads: int = Field(2, ge=1, le=64)
+    max_detections: int = Field(100, ge=1, le=1000)
+
+
+class TrackingConfig(_Section):
+    gate_mm: float = Field(30.0, gt=0, description="max distance of a detection from its track's predicted place")
+    max_missed_frames: int = Field(8, ge=1)
+
+
+class LinkConfig(_Section):
+    port: str = Field("sim", description="sim (firmware simulator on a pty) | a serial device | a pyserial URL")
+    baudrate: int = Field(115200, gt=0)
+    watchdog_ms: int = Field(250, ge=50, le=10000)
+    report_interval_ms: int = Field(20, ge=1, le=1000)
+
+
+class RecordsConfig(_Section):
+    path: str = Field("var/kozan.sqlite", description="SQLite file (relative to the repo root)")
+
+
+class SimConfig(_Section):
+    seed: int = 1
+    items_per_min: float = Field(150.0, gt=0, le=6000)
+    min_gap_mm: float = Field(40.0, ge=0, description="singulation: free belt between consecutive items")
+    distractor_share: float = Field(0.08, ge=0, le=1)
+    board_battery_share: float = Field(0.08, ge=0, le=1, description="share of boards arriving with a battery on them")
+    class_mix: dict[str, float] = Field(default_factory=lambda: {
+        "board_high": 2.0, "board_low": 2.0, "li_ion_cell": 1.5, "li_ion_pack": 1.0,
+        "alkaline": 1.5, "nimh": 1.0, "coin_cell": 0.7, "lead_acid": 0.5,
+    })
+    actuator_latency_ms: dict[int, float] = Field(default_factory=dict,
+                                                  description="true latency per diverter, if unlike the configured one")
+
+
+class HmiConfig(_Section):
+    status_interval_s: float = Field(1.0, gt=0)
+
+
+class StationConfig(_Section):
+    line: LineConfig = Field(default_factory=LineConfig)
+    camera: CameraConfig = Field(default_factory=CameraConfig)
+    diverters: list[DiverterConfig] = Field(default_factory=_default_diverters)
+    rules: RulesConfig = Field(default_factory=RulesConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
+    hmi: HmiConfig = Field(default_factory=HmiConfig)
+
+    @field_validator("diverters")
+    @classmethod
+    def _diverters_unique(cls, v: list[DiverterConfig]) -> list[DiverterConfig]:
+        ids = [d.id for d in v]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"diverter ids must be unique, got {ids}")
+        bins = [d.bin for d in v if d.enabled]
+        if len(bins) != len(set(bins)):
+            raise ValueError(f"each bin needs exactly one enabled diverter, got bins {bins}")
+        return v
+
+    @model_validator(mode="after")
+    def _geometry_and_rules(self) -> "StationConfig":
+        tax = load_taxonomy()
+        for name in self.rules.class_to_bin:
+            if name not in tax.names:
+                raise ValueError(f"rules.class_to_bin: unknown class {name!r}; allowed: {tax.names}")
+        for name in self.sim.class_mix:
+            if name not in tax.names:
+                raise ValueError(f"sim.class_mix: unknown class {name!r}; allowed: {tax.names}")
+        bins_with_diverter = {d.bin for d in self.diverters if d.enabled}
+        for name, b in self.rules.class_to_bin.items():
+            if b != MANUAL_BIN and b not in bins_with_diverter:
+                raise ValueError(f"rules.class_to_bin.{name}: bin {b} has no enabled diverter "
+                                 f"(bins with one: {sorted(bins_with_diverter)}; 0 is the manual path)")
+            # the safety rule, enforced where the rules are written: a battery never into a board bin
+            board_bins = {bb for n, bb in self.rules.class_to_bin.items() if tax.by_name(n).is_board}
+            if tax.by_name(name).is_battery and b in board_bins:
+                raise ValueError(f"rules.class_to_bin.{name}: battery class sent to board bin {b}; "
+                                 "batteries must never reach a board bin")
+        view_mm = self.camera.width / self.camera.px_per_mm
+        if self.line.decision_line_mm >= view_mm:
+            raise ValueError(f"line.decision_line_mm={self.line.decision_line_mm} lies outside the camera view "
+                             f"(0..{view_mm:.0f} mm)")
+        for d in self.diverters:
+            if d.position_mm <= self.line.decision_line_mm:
+                raise ValueError(f"diverters[id={d.id}].position_mm={d.position_mm} must lie downstream of "
+                                 f"line.decision_line_mm={self.line.decision_line_mm}")
+            if d.position_mm >= self.line.end_of_belt_mm:
+                raise ValueError(f"diverters[id={d.id}].position_mm={d.position_mm} lies past "
+                                 f"line.end_of_belt_mm={self.line.end_of_belt_mm}")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: {e.error_count()} problem(s) in the configuration:"]
+    for err in e.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        val = err.get("input")
+        shown = repr(val) if not isinstance(val, dict) else "{...}"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        lines.append(f"  - {key} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "<config>") -> StationConfig:
+    try:
+        return StationConfig.model_validate(data or {})
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | Path | None) -> StationConfig:
+    """Load and validate; `None` gives the defaults (the simulated line)."""
+    if path is None:
+        return StationConfig()
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: configuration file not found; run without --config for the simulated line, "
+                          "or write one with `kozan config --defaults > station.yaml`")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, str(p))
+
+
+def dump_defaults() -> str:
+    return yaml.safe_dump(StationConfig().model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,213 @@
+"""One frame's journey: detect → track → decide → command, and what the link says back.
+
+`StationCore` owns no threads and no clock of its own, so the same code runs a real line, the
+simulated line in real time and the simulated line in virtual time. Runners (`station.runtime`,
+`station.simrun`) decide where frames come from and when time moves.
+
+Timing (DESIGN.md, settled): a divert command names the encoder count at which its diverter must
+fire. A command that cannot reach the MCU before `line.command_margin_ms` ahead of that count is
+never sent: the item is counted as missed, rides to the end of the belt, and the operator is told.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from calibration.geometry import BeltGeometry
+from station.alarms import AlarmBoard, Severity
+from station.config import MANUAL_BIN, StationConfig
+from station.records import ItemRecord, Records
+from station.sorting import Decision, Reason, Sorter
+from vision.detections import Detections
+from vision.frame import Frame
+from vision.taxonomy import Taxonomy
+from vision.tracking import BeltTracker, Track
+
+log = logging.getLogger(__name__)
+
+
+class Link(Protocol):
+    """What the core needs of the diverter link (firmware_bridge.DiverterLink provides it)."""
+
+    def fire_at(self, command_id: int, diverter: int, belt_count: int, pulse_ms: float) -> None: ...
+    def poll_events(self) -> list[Any]: ...
+
+
+class DetectorLike(Protocol):
+    names: tuple[str, ...]
+
+    def __call__(self, image: Any) -> Detections: ...
+
+
+@dataclass
+class FrameResult:
+    frame: Frame
+    detections: Detections
+    count: int
+    tracks: list[Track]
+    decisions: list[Decision]
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    decided: int = 0
+    per_bin: Counter = field(default_factory=Counter)           # decisions per bin
+    per_class: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    sent: int = 0
+    acked: int = 0
+    fired: int = 0
+    missed: int = 0                                             # not sent in time, or NAKed late
+    naks: Counter = field(default_factory=Counter)
+    lost_tracks: int = 0                                        # undecided tracks dropped (flicker)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"frames": self.frames, "decided": self.decided, "per_bin": dict(self.per_bin),
+                "per_class": dict(self.per_class), "reasons": dict(self.reasons), "sent": self.sent,
+                "acked": self.acked, "fired": self.fired, "missed": self.missed, "naks": dict(self.naks),
+                "lost_tracks": self.lost_tracks}
+
+
+class StationCore:
+    def __init__(self, cfg: StationConfig, detector: DetectorLike, link: Link, records: Records,
+                 taxonomy: Taxonomy, geometry: BeltGeometry, clock: Callable[[], float],
+                 counts_per_s: Callable[[], float], model_version: str, alarms: AlarmBoard | None = None):
+        self.cfg = cfg
+        self.detector = detector
+        self.link = link
+        self.records = records
+        self.tax = taxonomy
+        self.geom = geometry
+        self.clock = clock
+        self.counts_per_s = counts_per_s
+        self.model_version = model_version
+        self.alarms = alarms or AlarmBoard(clock)
+        names = detector.names
+        unknown = [n for n in names if n not in taxonomy.names]
+        if unknown:
+            raise ValueError(f"model classes {unknown} are not in the taxonomy {taxonomy.names}: "
+                             "the sorting rules cannot act on them")
+        self.tracker = BeltTracker(
+            geometry, len(names),
+            board_ids=[i for i, n in enumerate(names) if taxonomy.by_name(n).is_board],
+            battery_ids=[i for i, n in enumerate(names) if taxonomy.by_name(n).is_battery],
+            gate_mm=cfg.tracking.gate_mm, max_missed=cfg.tracking.max_missed_frames,
+            attached_overlap=cfg.rules.attached_overlap, view_length_mm=cfg.camera.width / cfg.camera.px_per_mm)
+        self.sorter = Sorter(cfg, taxonomy, names, geometry)
+        self.counters = Counters()
+        self._next_command = 1
+        self._command_track: dict[int, int] = {}
+        self._pulse = {d.id: d.pulse_ms for d in cfg.diverters}
+        self._latency = {d.id: d.latency_ms for d in cfg.diverters}
+        self.recent: list[tuple[Decision, str]] = []   # newest last, bounded: for status and HMI
+
+    # ---- per frame -----------------------------------------------------------------------------
+    def process(self, frame: Frame, count: int | None = None) -> FrameResult:
+        """Run one frame. `count` is the encoder count at capture when the frame carries none."""
+        c = frame.belt_count if frame.belt_count is not None else count
+        if c is None:
+            raise ValueError("frame has no belt position: pass the count from the belt clock")
+        det = self.detector(frame.image)
+        t = frame.t_ns / 1e9
+        seen = self.tracker.update(det, c, t, frame.image.shape[1])
+        decisions = []
+        for tr in self.tracker.due_for_decision(c, self.cfg.line.decision_line_mm):
+            tr.decided = True
+            decisions.append(self._act(tr, frame, c))
+        self.counters.lost_tracks += len(self.tracker.prune(c))
+        self.counters.frames += 1
+        return FrameResult(frame, det, c, seen, decisions)
+
+    def _act(self, tr: Track, frame: Frame, frame_count: int) -> Decision:
+        d = self.sorter.decide(tr)
+        command_id = fire_count = None
+        outcome = "manual"
+        if not d.to_manual:
+            assert d.diverter_id is not None and d.center_count is not None
+            cps = self.counts_per_s()
+            pulse = self._pulse[d.diverter_id]
+            # centre the pulse on the item; the MCU compensates the actuator's latency itself
+            fire_count = int(round(d.center_count - pulse / 2000.0 * cps))
+            now_count = frame_count + (self.clock() - frame.t_ns / 1e9) * cps
+            margin = (self.cfg.line.command_margin_ms + self._latency[d.diverter_id]) / 1000.0 * cps
+            if fire_count - now_count < margin:
+                outcome = "missed"
+                self.counters.missed += 1
+                self.alarms.raise_("missed_item", Severity.WARNING,
+                                   f"item {tr.id} ({d.class_name}) could not be diverted in time: "
+                                   "it goes to the end of the belt", item_id=tr.id)
+                log.warning("item %d: command for diverter %d too late (%.0f counts to go, need %.0f): missed",
+                            tr.id, d.diverter_id, fire_count - now_count, margin)
+            else:
+                command_id = self._next_command
+                self._next_command += 1
+                self._command_track[command_id] = tr.id
+                self.link.fire_at(command_id, d.diverter_id, fire_count, pulse)
+                self.counters.sent += 1
+                outcome = "sent"
+                log.debug("item %d: %s -> bin %d, diverter %d at count %d (command %d)", tr.id, d.class_name,
+                          d.bin, d.diverter_id, fire_count, command_id)
+        else:
+            log.debug("item %d: %s -> manual (%s)", tr.id, d.class_name, d.reason.value)
+        self.counters.decided += 1
+        self.counters.per_bin[d.bin if outcome != "missed" else MANUAL_BIN] += 1
+        self.counters.per_class[d.class_name] += 1
+        self.counters.reasons[d.reason.value] += 1
+        self.records.item_decided(ItemRecord(
+            track_id=tr.id, first_seen_s=tr.first_t, decided_s=self.clock(), class_name=d.class_name,
+            confidence=round(d.confidence, 4), votes=d.votes, views=tr.hits, bin=d.bin,
+            diverter_id=d.diverter_id, reason=d.reason.value, command_id=command_id, fire_count=fire_count,
+            outcome=outcome, model_version=self.model_version, u_mm=round(tr.u_mm, 2), y_mm=round(tr.y_mm, 2),
+            length_mm=round(tr.length_mm, 1), width_mm=round(tr.width_mm, 1)))
+        self.recent.append((d, outcome))
+        del self.recent[:-50]
+        return d
+
+    # ---- what the link says --------------------------------------------------------------------
+    def handle_link_events(self) -> int:
+        from firmware_bridge.events import (
+            AckEvent, CommandTimeoutEvent, FaultEvent, FiredEvent, LinkErrorEvent, NakEvent, ResetEvent,
+        )
+        events = self.link.poll_events()
+        now = self.clock()
+        for ev in events:
+            if isinstance(ev, AckEvent):
+                if ev.command_id in self._command_track:
+                    self.counters.acked += 1
+                    self.records.item_outcome(ev.command_id, "acked", now)
+            elif isinstance(ev, FiredEvent):
+                self.counters.fired += 1
+                self.records.item_outcome(ev.command_id, "fired", now, ev.actual_count)
+            elif isinstance(ev, NakEvent):
+                reason = ev.reason.name if hasattr(ev.reason, "name") else str(ev.reason)
+                self.counters.naks[reason] += 1
+                self.records.item_outcome(ev.command_id, f"nak:{reason}", now)
+                tid = self._command_track.get(ev.command_id)
+                if reason == "LATE":
+                    self.counters.missed += 1
+                    self.alarms.raise_("missed_item", Severity.WARNING,
+                                       f"item {tid}: the MCU refused a late command; it goes to the end of the belt",
+                                       item_id=tid)
+                else:
+                    self.alarms.raise_("diverter_fault", Severity.WARNING,
+                                       f"item {tid}: MCU refused command {ev.command_id} ({reason})", item_id=tid)
+            elif isinstance(ev, CommandTimeoutEvent):
+                tid = self._command_track.get(ev.command_id)
+                self.records.item_outcome(ev.command_id, "timeout", now)
+                self.alarms.raise_("link_lost", Severity.FAULT,
+                                   f"item {tid}: command {ev.command_id} unanswered after {ev.attempts} tries",
+                                   item_id=tid)
+            elif isinstance(ev, ResetEvent):
+                for cid in ev.lost_command_ids:
+                    self.records.item_outcome(cid, "lost_in_reset", now)
+                self.alarms.raise_("mcu_reset", Severity.FAULT,
+                                   f"the diverter controller restarted (boot {ev.boot_id:#x}); "
+                                   f"{len(ev.lost_command_ids)} queued commands lost, configuration re-sent")
+            elif isinstance(ev, FaultEvent):
+                self.alarms.raise_("diverter_fault", Severity.FAULT, f"MCU fault {ev.code.name} ({ev.detail})")
+            elif isinstance(ev, LinkErrorEvent):
+                self.alarms.raise_("link_lost", Severity.FAULT, f"diverter link: {ev.message}")
+        return len(events)

@@ -1,0 +1,190 @@
+"""The station in real time: capture thread, processing loop, serial I/O thread (in the link).
+
+Capture keeps only the newest frame: latency beats completeness, and every frame replaced before
+the loop took it is counted as dropped. The loop runs detection, tracking and sorting on the
+newest frame; the diverter link does its serial I/O in its own thread. onnxruntime and OpenCV
+release the GIL, so the capture thread renders/grabs while inference runs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from station.alarms import AlarmBoard, Severity
+from station.assembly import build_detector, geometry_from_config, open_link
+from station.clock import MonotonicClock
+from station.config import StationConfig
+from station.core import FrameResult, StationCore
+from station.records import Records
+from station.state import LineState, StateMachine
+from vision.frame import Frame
+from vision.sources import CameraLost, open_camera
+from vision.taxonomy import load_taxonomy
+
+log = logging.getLogger(__name__)
+
+
+class LatestFrame:
+    """A one-slot mailbox: put never blocks, a replaced frame is counted as dropped."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._frame: Frame | None = None
+        self.dropped = 0
+        self.captured = 0
+        self.error: BaseException | None = None
+
+    def put(self, f: Frame) -> None:
+        with self._cv:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = f
+            self.captured += 1
+            self._cv.notify()
+
+    def fail(self, e: BaseException) -> None:
+        with self._cv:
+            self.error = e
+            self._cv.notify()
+
+    def take(self, timeout: float) -> Frame | None:
+        with self._cv:
+            if self._frame is None and self.error is None:
+                self._cv.wait(timeout)
+            f, self._frame = self._frame, None
+            return f
+
+
+@dataclass
+class LiveStats:
+    fps: float = 0.0
+    latency_ms_p50: float = 0.0       # capture -> decisions made, per frame
+    latency_ms_max: float = 0.0
+    _lat: list[float] = field(default_factory=list)
+    _t: list[float] = field(default_factory=list)
+
+    def add(self, now: float, latency_s: float) -> None:
+        self._t.append(now)
+        self._lat.append(latency_s)
+        cut = now - 2.0
+        while self._t and self._t[0] < cut:
+            self._t.pop(0)
+            self._lat.pop(0)
+        if len(self._t) > 1:
+            self.fps = (len(self._t) - 1) / max(self._t[-1] - self._t[0], 1e-6)
+        s = sorted(self._lat)
+        self.latency_ms_p50 = s[len(s) // 2] * 1000
+        self.latency_ms_max = s[-1] * 1000
+
+
+class Station:
+    """A running station. `start()` brings it up; `stop()` takes it down cleanly."""
+
+    def __init__(self, cfg: StationConfig, records_path: str | None = None):
+        self.cfg = cfg
+        self.clock = MonotonicClock()
+        self.alarms = AlarmBoard(self.clock.now)
+        self.state = StateMachine()
+        self.mailbox = LatestFrame()
+        self.stats = LiveStats()
+        self.world = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.detector = build_detector(cfg)
+        if cfg.camera.source == "sim":
+            from station.simline.camera import SimCamera
+            from station.simline.world import BeltWorld
+
+            self.world = BeltWorld(cfg, self.clock)
+            self.camera: Any = SimCamera(cfg, self.world, self.clock)
+        else:
+            self.camera = open_camera(cfg.camera.source, cfg.camera.width, cfg.camera.height, cfg.camera.fps)
+        self.records = Records(records_path or cfg.resolve(cfg.records.path))
+        self.bundle = open_link(cfg, self.clock, environment=self.world)
+        self.link = self.bundle.link
+        cps_cfg = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
+        bc = self.link.belt_clock
+        self.core = StationCore(cfg, self.detector, self.link, self.records, load_taxonomy(),
+                                geometry_from_config(cfg), self.clock.now,
+                                counts_per_s=lambda: bc.counts_per_s() if bc.ready() else cps_cfg,
+                                model_version=self.detector.info.version, alarms=self.alarms)
+        self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
+
+    # ---- threads -------------------------------------------------------------------------------
+    def _capture(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.mailbox.put(self.camera.read())
+            except CameraLost as e:
+                self.alarms.raise_("camera_lost", Severity.FAULT, f"camera lost: {e}")
+                self.mailbox.fail(e)
+                return
+            except Exception as e:  # a bug in a source must not leave the loop waiting forever
+                log.exception("capture thread failed")
+                self.mailbox.fail(e)
+                return
+
+    def _frame_count(self, f: Frame) -> int | None:
+        if f.belt_count is not None:
+            return f.belt_count
+        bc = self.link.belt_clock
+        return int(bc.count_at(f.t_ns / 1e9)) if bc.ready() else None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            f = self.mailbox.take(timeout=0.5)
+            if self.mailbox.error is not None:
+                self.state.fault(f"camera: {self.mailbox.error}")
+                return
+            self.core.handle_link_events()
+            if self.world is not None:
+                self.world.settle()
+            if f is None or self.state.state != LineState.RUNNING:
+                continue
+            count = self._frame_count(f)
+            if count is None:
+                self.alarms.raise_("belt_position_unknown", Severity.WARNING,
+                                   "no encoder reports yet: frames cannot be placed on the belt")
+                continue
+            res = self.core.process(f, count)
+            now = self.clock.now()
+            self.stats.add(now, now - f.t_ns / 1e9)
+            if self.on_frame is not None:
+                try:
+                    self.on_frame(res)
+                except Exception:
+                    log.exception("frame hook failed (ignored: the line goes on)")
+
+    def start(self) -> None:
+        self.records.start_run("sim-realtime" if self.world is not None else "line",
+                               self.detector.info.version, self.cfg.model_dump(mode="json"))
+        self.state.start()
+        for name, fn in (("capture", self._capture), ("loop", self._loop)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=3)
+        self.state.stop()
+        try:
+            self.records.end_run(self.core.counters.as_dict())
+        finally:
+            self.bundle.close()
+            self.records.close()
+            self.camera.close()
+
+    def status_line(self) -> str:
+        c = self.core.counters
+        bins = " ".join(f"b{b}:{n}" for b, n in sorted(c.per_bin.items()))
+        h = self.link.health()
+        rtt = h.get("rtt_ms")
+        rtt_s = f"{rtt:.1f}ms" if isinstance(rtt, (int, float)) else "-"
+        return (f"[{self.state.state.value}] fps {self.stats.fps:4.1f}  latency {self.stats.latency_ms_p50:5.1f}ms  "
+                f"items {c.decided:4d} ({bins})  missed {c.missed}  dropped {self.mailbox.dropped}  "
+                f"link rtt {rtt_s}  alarms {len(self.alarms.active())}")

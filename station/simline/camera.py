@@ -1,0 +1,86 @@
+"""The simulated line's camera: renders what is under it, encoder-triggered.
+
+Frames are stamped with the encoder count at capture, as a camera triggered from the encoder
+would be, so the belt position of every pixel is exact. In real-time mode `read()` paces itself
+to the frame rate; in virtual time the driver calls `render_at` for each frame time.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from station.clock import Clock, VirtualClock
+from station.config import StationConfig
+from station.simline.world import BeltWorld
+from vision.frame import Frame
+from vision.render.scene import FastCamera, Placement, composite, make_belt_texture, random_belt_style, random_camera_look
+
+
+class SimCamera:
+    def __init__(self, cfg: StationConfig, world: BeltWorld, clock: Clock, seed: int | None = None):
+        self.cfg = cfg
+        self.world = world
+        self.clock = clock
+        rng = np.random.default_rng((cfg.sim.seed if seed is None else seed) + 7919)
+        W, H = cfg.camera.width, cfg.camera.height
+        self.W, self.H = W, H
+        self.period = 1.0 / cfg.camera.fps
+        self.tex_len = 4 * W
+        self.belt = make_belt_texture(self.tex_len, H, random_belt_style(rng, wide=False), rng)
+        blur = cfg.line.belt_speed_mm_s * cfg.camera.exposure_ms / 1000 * cfg.camera.px_per_mm
+        self.look = random_camera_look(H, W, rng, wide=False, blur_px=blur)
+        self.fast = FastCamera(self.look, rng)
+        self._seq = 0
+        self._next_t = clock.now()
+        self.last_truth: list[tuple[str, tuple[float, float, float, float]]] = []
+
+    def _background(self, travel_mm: float) -> np.ndarray:
+        # the belt moves downstream (+x in the image): the texture slice shifts left with travel
+        off = int(round(travel_mm * self.cfg.camera.px_per_mm)) % self.tex_len
+        start = (-off) % self.tex_len
+        if start + self.W <= self.tex_len:
+            return self.belt[:, start:start + self.W]
+        k = self.tex_len - start
+        return np.concatenate([self.belt[:, start:], self.belt[:, :self.W - k]], axis=1)
+
+    def render_at(self, t: float) -> Frame:
+        w = self.world
+        w.supply()
+        travel = w.travel_mm(t)
+        ppm = self.cfg.camera.px_per_mm
+        places = []
+        truth: list[tuple[str, tuple[float, float, float, float]]] = []
+        for it in w.visible(travel):
+            if it.sprite is None:
+                continue
+            h, wd = it.sprite.alpha.shape
+            cx = (it.u_mm + travel) * ppm
+            cy = it.y_mm * ppm
+            p = Placement(it.sprite, int(round(cx - wd / 2)), int(round(cy - h / 2)))
+            places.append(p)
+            boxes = ([(it.spec.kind, it.sprite.box)] if it.spec.is_target else []) + list(it.sprite.parts)
+            for name, (x0, y0, x1, y1) in boxes:
+                bx = (max(0.0, x0 + p.x), max(0.0, y0 + p.y), min(float(self.W), x1 + p.x), min(float(self.H), y1 + p.y))
+                if bx[2] - bx[0] > 2 and bx[3] - bx[1] > 2:
+                    truth.append((name, bx))
+        self.last_truth = truth   # exact labels of the last frame: for tests and dataset capture
+        img = composite(self._background(travel), places, self.look)
+        img = self.fast.apply(img)
+        self._seq += 1
+        count = int(math.floor(travel / w.mpc + 1e-9))
+        return Frame(self._seq, int(round(t * 1e9)), img, count)
+
+    def read(self) -> Frame:
+        """Real time: wait for the next frame slot, then render the belt as it is now."""
+        if isinstance(self.clock, VirtualClock):
+            raise RuntimeError("SimCamera.read() is for real time; virtual-time drivers call render_at()")
+        now = self.clock.now()
+        if self._next_t > now:
+            time.sleep(self._next_t - now)
+        self._next_t = max(self._next_t + self.period, self.clock.now() - self.period)
+        return self.render_at(self.clock.now())
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,90 @@
+"""Sorting rules: one decision per item at the decision line.
+
+Rules map a class to a bin; safety rules come first and only ever send an item to the manual
+path (end of belt), never into a bin: when in doubt, a person looks at it. The reasons are
+recorded with the item so an operator can see why it was not sorted.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+from calibration.geometry import BeltGeometry
+from station.config import MANUAL_BIN, StationConfig
+from vision.taxonomy import Taxonomy
+from vision.tracking import Track
+
+log = logging.getLogger(__name__)
+
+
+class Reason(str, enum.Enum):
+    RULE = "rule"                          # sorted by its class rule
+    NO_RULE = "no_rule"                    # class has no bin: manual by design
+    LOW_CONFIDENCE = "low_confidence"
+    FEW_VIEWS = "few_views"
+    BATTERY_ON_BOARD = "battery_on_board"
+    BATTERY_LIKE = "battery_like"          # a board whose votes look partly like a battery
+    LATE_DETECTION = "late_detection"      # first seen past the decision line
+    DIVERTER_DISABLED = "diverter_disabled"
+    OPERATOR_OVERRIDE = "operator_override"
+
+
+@dataclass(frozen=True)
+class Decision:
+    track_id: int
+    class_name: str
+    confidence: float
+    votes: dict[str, float]
+    bin: int
+    diverter_id: int | None
+    reason: Reason
+    center_count: float | None = None      # encoder count when the item centre reaches its diverter
+
+    @property
+    def to_manual(self) -> bool:
+        return self.bin == MANUAL_BIN
+
+
+class Sorter:
+    def __init__(self, cfg: StationConfig, taxonomy: Taxonomy, model_names: tuple[str, ...], geometry: BeltGeometry):
+        self.cfg = cfg
+        self.tax = taxonomy
+        self.names = model_names
+        self.geom = geometry
+        self._battery_ids = [i for i, n in enumerate(model_names) if taxonomy.by_name(n).is_battery]
+        self._diverter_for_bin = {d.bin: d for d in cfg.diverters if d.enabled}
+        self.manual_next = 0  # operator: "send the next N items to manual"
+
+    def decide(self, tr: Track) -> Decision:
+        r = self.cfg.rules
+        votes = {self.names[i]: round(float(v), 3) for i, v in enumerate(tr.votes) if v > 0}
+        best = self.names[tr.best_class] if tr.votes.sum() > 0 else "unknown"
+        conf = tr.confidence
+        info = self.tax.by_name(best) if best != "unknown" else None
+
+        def manual(reason: Reason) -> Decision:
+            return Decision(tr.id, best, conf, votes, MANUAL_BIN, None, reason)
+
+        if tr.born_x_mm >= self.cfg.line.decision_line_mm:
+            return manual(Reason.LATE_DETECTION)
+        if self.manual_next > 0:
+            self.manual_next -= 1
+            return manual(Reason.OPERATOR_OVERRIDE)
+        if tr.hits < r.min_views:
+            return manual(Reason.FEW_VIEWS)
+        if info is not None and info.is_board:
+            if tr.attached_votes >= max(1, tr.hits // 4):
+                return manual(Reason.BATTERY_ON_BOARD)
+            if tr.vote_share(self._battery_ids) >= r.battery_guard_share:
+                return manual(Reason.BATTERY_LIKE)
+        if conf < r.min_confidence:
+            return manual(Reason.LOW_CONFIDENCE)
+        b = r.class_to_bin.get(best, MANUAL_BIN)
+        if b == MANUAL_BIN:
+            return manual(Reason.NO_RULE)
+        div = self._diverter_for_bin.get(b)
+        if div is None:
+            return manual(Reason.DIVERTER_DISABLED)
+        center_count = self.geom.count_at_travel(div.position_mm - tr.u_mm)
+        return Decision(tr.id, best, conf, votes, b, div.id, Reason.RULE, center_count)

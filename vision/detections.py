@@ -1,0 +1,38 @@
+"""The one value type that flows from the detector through tracking: arrays, not objects.
+
+Per-object Python objects in the hot path cost more than the maths on them; a dataclass of
+numpy arrays keeps every stage vectorised and validates its shapes once, where it is made.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Detections:
+    boxes: np.ndarray      # (N, 4) float32 xyxy in source-image pixels
+    scores: np.ndarray     # (N,) float32
+    class_ids: np.ndarray  # (N,) int32
+
+    def __post_init__(self) -> None:
+        n = len(self.boxes)
+        if self.boxes.shape != (n, 4):
+            raise ValueError(f"boxes must be (N, 4), got {self.boxes.shape}")
+        if self.scores.shape != (n,) or self.class_ids.shape != (n,):
+            raise ValueError(f"scores {self.scores.shape} and class_ids {self.class_ids.shape} must be ({n},)")
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int32))
+
+    def take(self, idx: np.ndarray) -> "Detections":
+        return Detections(self.boxes[idx], self.scores[idx], self.class_ids[idx])
+
+    @property
+    def centers(self) -> np.ndarray:
+        return np.stack([(self.boxes[:, 0] + self.boxes[:, 2]) / 2, (self.boxes[:, 1] + self.boxes[:, 3]) / 2], 1)

@@ -1,0 +1,183 @@
+"""The ONNX detector: letterbox, onnxruntime, decode and NMS — all of it, and nothing else.
+
+The model describes itself: class names and input size come from the ONNX metadata that
+ultralytics' export writes (and Kozan's export adds to), so any model exported the project's
+way drops in. The detector owns its input buffer and reuses it every frame; decoding and NMS
+are vectorised so their cost stays a small fraction of `session.run`.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from vision.detections import Detections
+
+log = logging.getLogger(__name__)
+
+PAD_VALUE = 114  # what ultralytics letterboxes with; the model was trained on it
+
+
+class ModelError(RuntimeError):
+    """A model file the station cannot use; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    names: tuple[str, ...]
+    input_hw: tuple[int, int]
+    version: str
+    data_fingerprint: str
+
+
+def read_model_info(session: ort.InferenceSession, path: Path) -> ModelInfo:
+    meta = session.get_modelmeta().custom_metadata_map
+    inp = session.get_inputs()[0]
+    shape = inp.shape
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+        raise ModelError(f"{path}: input {inp.name} has shape {shape}; Kozan needs a fixed NCHW input "
+                         "(export with dynamic=False)")
+    if "names" not in meta:
+        raise ModelError(f"{path}: no 'names' in the model metadata; export it with `kozan model export` "
+                         "(or ultralytics' ONNX export), which records the class names")
+    try:
+        raw = ast.literal_eval(meta["names"])
+    except (ValueError, SyntaxError) as e:
+        raise ModelError(f"{path}: metadata 'names' is unreadable ({e})") from None
+    names = tuple(raw[k] for k in sorted(raw)) if isinstance(raw, dict) else tuple(raw)
+    out = session.get_outputs()[0].shape
+    if len(out) != 3 or (isinstance(out[1], int) and out[1] != 4 + len(names)):
+        raise ModelError(f"{path}: output shape {out} does not fit a YOLO detection head with "
+                         f"{len(names)} classes (expected (1, {4 + len(names)}, N))")
+    return ModelInfo(path=path, names=names, input_hw=(int(shape[2]), int(shape[3])),
+                     version=meta.get("kozan_version", path.stem),
+                     data_fingerprint=meta.get("kozan_data_fingerprint", "unknown"))
+
+
+def make_session(path: Path, threads: int) -> ort.InferenceSession:
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: model file not found; check detector.model in the configuration "
+                         "or `kozan model list`")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for corrupt protobufs
+        raise ModelError(f"{path}: onnxruntime cannot load this file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); it is corrupt or not an ONNX model — "
+                         "re-export it or roll back to the previous version") from None
+
+
+def nms_per_class(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int) -> np.ndarray:
+    """Class-aware greedy NMS via the coordinate-offset trick, in numpy."""
+    if len(boxes) == 0:
+        return np.zeros((0,), np.int64)
+    off = classes.astype(np.float32)[:, None] * (float(boxes.max()) + 1.0)
+    b = boxes + off
+    x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x1 - x0) * (y1 - y0)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size and len(keep) < limit:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        xx0 = np.maximum(x0[i], x0[rest])
+        yy0 = np.maximum(y0[i], y0[rest])
+        xx1 = np.minimum(x1[i], x1[rest])
+        yy1 = np.minimum(y1[i], y1[rest])
+        inter = np.clip(xx1 - xx0, 0, None) * np.clip(yy1 - yy0, 0, None)
+        ov = inter / (areas[i] + areas[rest] - inter + 1e-9)
+        order = rest[ov <= iou]
+    return np.asarray(keep, np.int64)
+
+
+class Detector:
+    """One onnxruntime session and its reusable buffers. Not thread-safe: one loop owns it."""
+
+    def __init__(self, model_path: str | Path, conf_threshold: float = 0.25, iou_threshold: float = 0.5,
+                 threads: int = 2, max_detections: int = 100):
+        self.path = Path(model_path)
+        self.session = make_session(self.path, threads)
+        self.info = read_model_info(self.session, self.path)
+        self.conf = conf_threshold
+        self.iou = iou_threshold
+        self.max_det = max_detections
+        self._input_name = self.session.get_inputs()[0].name
+        h, w = self.info.input_hw
+        self._canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
+        self._tensor = np.empty((1, 3, h, w), np.float32)
+        self._geom: tuple[int, int, float, int, int, int, int] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.info.names
+
+    def _letterbox(self, image: np.ndarray) -> tuple[float, int, int]:
+        H, W = image.shape[:2]
+        h, w = self.info.input_hw
+        if self._geom is None or self._geom[:2] != (H, W):
+            r = min(h / H, w / W)
+            nh, nw = int(round(H * r)), int(round(W * r))
+            dy, dx = (h - nh) // 2, (w - nw) // 2
+            self._canvas[:] = PAD_VALUE
+            self._geom = (H, W, r, nh, nw, dy, dx)
+        _, _, r, nh, nw, dy, dx = self._geom
+        roi = self._canvas[dy:dy + nh, dx:dx + nw]
+        cv2.resize(image, (nw, nh), dst=roi, interpolation=cv2.INTER_AREA)
+        # BGR->RGB, HWC->CHW and 1/255 in one pass into the preallocated tensor
+        np.multiply(self._canvas[:, :, ::-1].transpose(2, 0, 1), np.float32(1 / 255.0), out=self._tensor[0],
+                    casting="unsafe")
+        return r, dx, dy
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The model input for `image` (for benchmarks: the raw session on a prepared tensor)."""
+        self._letterbox(image)
+        return self._tensor
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 BGR image, got shape {image.shape}")
+        r, dx, dy = self._letterbox(image)
+        out = self.session.run(None, {self._input_name: self._tensor})[0][0]  # (4+nc, N)
+        return self.decode(out, r, dx, dy, image.shape[1], image.shape[0])
+
+    def decode(self, out: np.ndarray, r: float, dx: int, dy: int, W: int, H: int) -> Detections:
+        cls_scores = out[4:]
+        class_ids = cls_scores.argmax(0)
+        scores = cls_scores[class_ids, np.arange(cls_scores.shape[1])]
+        keep = scores > self.conf
+        if not keep.any():
+            return Detections.empty()
+        b = out[:4, keep].T
+        scores, class_ids = scores[keep], class_ids[keep]
+        boxes = np.empty_like(b)
+        boxes[:, 0] = (b[:, 0] - b[:, 2] / 2 - dx) / r
+        boxes[:, 1] = (b[:, 1] - b[:, 3] / 2 - dy) / r
+        boxes[:, 2] = (b[:, 0] + b[:, 2] / 2 - dx) / r
+        boxes[:, 3] = (b[:, 1] + b[:, 3] / 2 - dy) / r
+        np.clip(boxes[:, 0::2], 0, W, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, H, out=boxes[:, 1::2])
+        idx = nms_per_class(boxes, scores, class_ids, self.iou, self.max_det)
+        return Detections(boxes[idx].astype(np.float32), scores[idx].astype(np.float32),
+                          class_ids[idx].astype(np.int32))
+
+
+def model_card_meta(path: Path) -> dict:
+    """Metadata of a model file without keeping a session (for listings and checks)."""
+    sess = make_session(path, 1)
+    info = read_model_info(sess, path)
+    raw = sess.get_modelmeta().custom_metadata_map.get("kozan_input", "{}")
+    return {"names": list(info.names), "input_hw": list(info.input_hw), "version": info.version,
+            "data_fingerprint": info.data_fingerprint, "input": json.loads(raw)}
