@@ -19,6 +19,7 @@ import math
 import os
 import random
 import select
+import signal
 import threading
 import time
 import zlib
@@ -529,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    def stop_on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # `kill` (service managers, scripts) stops as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop_on_term)
     env = ConstantSpeedEnvironment(args.mm_per_count, args.speed)
     sim = FirmwareSimulator.on_new_pty(env)
     sim.start()

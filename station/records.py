@@ -96,6 +96,7 @@ class Records:
         self._pending = 0
         self._drained = threading.Condition()
         self._error: BaseException | None = None
+        self.failed_rows = 0
         self._thread = threading.Thread(target=self._writer, name="records-writer", daemon=True)
         self._thread.start()
 
@@ -161,20 +162,33 @@ class Records:
                     break
                 batch.append(nxt)
             try:
-                self._db.execute("BEGIN")
-                for sql, args in batch:
-                    self._db.execute(sql, args)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as e:  # keep the station running; the loop sees it on its next write
-                log.error("records: could not write %d rows: %s", len(batch), e)
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                self._commit(batch)
+            except sqlite3.Error as e:
+                # one bad row must not take the good ones with it: retry them one by one
+                log.error("records: batch of %d rows failed (%s); writing them one by one", len(batch), e)
+                for row in batch:
+                    try:
+                        self._commit([row])
+                    except sqlite3.Error as e1:
+                        self.failed_rows += 1
+                        log.error("records: row dropped: %s (%s)", e1, row[0].split("(")[0].strip())
+            except Exception as e:  # the disk is gone or the file is broken: tell the loop
                 self._error = e
+                log.exception("records writer failed")
             with self._drained:
                 self._pending -= len(batch)
                 self._drained.notify_all()
+
+    def _commit(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+        try:
+            self._db.execute("BEGIN")
+            for sql, args in batch:
+                self._db.execute(sql, args)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything handed over is committed."""

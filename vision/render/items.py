@@ -52,10 +52,26 @@ class Sprite:
     shadow: np.ndarray
     box: tuple[float, float, float, float]           # tight box of the whole item, sprite px
     parts: list[tuple[str, tuple[float, float, float, float]]] = field(default_factory=list)
+    _alpha3: np.ndarray | None = field(default=None, repr=False)
+    _premul: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.alpha.shape[:2]
+
+    @property
+    def alpha3(self) -> np.ndarray:
+        """Alpha repeated per channel (float32), cached: compositing reuses it every frame."""
+        if self._alpha3 is None:
+            self._alpha3 = np.ascontiguousarray(np.repeat(self.alpha[..., None], 3, axis=2))
+        return self._alpha3
+
+    @property
+    def premul(self) -> np.ndarray:
+        """Colour premultiplied by alpha (float32), cached."""
+        if self._premul is None:
+            self._premul = self.bgr.astype(np.float32) * self.alpha3
+        return self._premul
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,6 +599,8 @@ def draw_item(spec: ItemSpec, px_per_mm: float, shadow_blur_px: float = 4.0) -> 
 
 def footprint_mm(spec: ItemSpec) -> tuple[float, float]:
     """Axis-aligned extent (along belt, across belt) in mm of the item at its angle."""
+    if spec.kind == "coin_cell":   # round: its extent does not turn with it
+        return (spec.length_mm, spec.width_mm)
     a = np.deg2rad(spec.angle_deg)
     c, s = abs(np.cos(a)), abs(np.sin(a))
     return (spec.length_mm * c + spec.width_mm * s, spec.length_mm * s + spec.width_mm * c)

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from calibration.geometry import BeltGeometry
+from station.config import MANUAL_BIN, StationConfig
+from station.sorting import Reason, Sorter
+from vision.taxonomy import load_taxonomy
+from vision.tracking import Track
+
+TAX = load_taxonomy()
+NAMES = tuple(TAX.names)
+GEOM = BeltGeometry.from_scale(1.8, 0.1)
+
+
+def track(votes: dict[str, float], hits: int = 10, attached: int = 0, born_x: float = 0.0) -> Track:
+    v = np.zeros(len(NAMES))
+    for k, s in votes.items():
+        v[NAMES.index(k)] = s
+    return Track(id=1, y_mm=200, width_mm=20, first_count=0, last_count=0, first_t=0.0, u_front=-100.0,
+                 u_back=-160.0, hits=hits, votes=v, attached_votes=attached, born_x_mm=born_x)
+
+
+@pytest.fixture
+def sorter():
+    return Sorter(StationConfig(), TAX, NAMES, GEOM)
+
+
+@pytest.mark.parametrize("cls,bin_", [("li_ion_cell", 1), ("li_ion_pack", 1), ("alkaline", 2), ("nimh", 2),
+                                      ("coin_cell", 2), ("lead_acid", 2), ("board_high", 3), ("board_low", 4)])
+def test_class_rules(sorter, cls, bin_):
+    d = sorter.decide(track({cls: 9.0}))
+    assert d.bin == bin_ and d.reason == Reason.RULE
+    div = next(x for x in StationConfig().diverters if x.bin == bin_)
+    # the item's centre (u = -130 mm) reaches the diverter after position + 130 mm of travel
+    assert d.center_count == pytest.approx((div.position_mm + 130.0) / 0.1)
+
+
+def test_board_with_battery_goes_to_manual(sorter):
+    d = sorter.decide(track({"board_high": 9.0}, attached=5))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.BATTERY_ON_BOARD
+
+
+def test_board_that_looks_partly_like_a_battery_goes_to_manual(sorter):
+    d = sorter.decide(track({"board_low": 6.0, "li_ion_pack": 2.0}))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.BATTERY_LIKE
+
+
+def test_uncertain_item_goes_to_manual(sorter):
+    d = sorter.decide(track({"alkaline": 3.0, "nimh": 2.5}))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
+
+
+def test_too_few_views(sorter):
+    assert sorter.decide(track({"alkaline": 1.8}, hits=2)).reason == Reason.FEW_VIEWS
+
+
+def test_first_seen_past_the_decision_line(sorter):
+    assert sorter.decide(track({"alkaline": 9.0}, born_x=600.0)).reason == Reason.LATE_DETECTION
+
+
+def test_operator_override_sends_next_items_to_manual(sorter):
+    sorter.manual_next = 1
+    assert sorter.decide(track({"alkaline": 9.0})).reason == Reason.OPERATOR_OVERRIDE
+    assert sorter.decide(track({"alkaline": 9.0})).bin == 2
+
+
+def test_disabled_diverter_sends_to_manual():
+    d = StationConfig().model_dump(mode="json")
+    d["diverters"][3]["enabled"] = False
+    d["rules"]["class_to_bin"]["board_low"] = 0
+    from station.config import config_from_dict
+    s = Sorter(config_from_dict(d), TAX, NAMES, GEOM)
+    assert s.decide(track({"board_low": 9.0})).reason == Reason.NO_RULE

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from vision.render.items import DISTRACTORS, TARGET_CLASSES, draw_item, footprint_mm, sample_item
+from vision.render.synth import SynthSettings, render_scene
+from vision.taxonomy import load_taxonomy
+
+
+def test_taxonomy_matches_the_renderer():
+    tax = load_taxonomy()
+    assert tuple(tax.names) == TARGET_CLASSES
+    assert tuple(tax.distractors) == DISTRACTORS
+    assert all(c.description for c in tax.classes)
+
+
+def test_scene_is_deterministic_for_a_seed():
+    a, la = render_scene(np.random.default_rng([5, 1]), SynthSettings())
+    b, lb = render_scene(np.random.default_rng([5, 1]), SynthSettings())
+    assert np.array_equal(a, b) and la == lb
+
+
+@pytest.mark.parametrize("kind", TARGET_CLASSES + DISTRACTORS)
+def test_sprite_has_its_physical_size(kind):
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        spec = sample_item(kind, rng)
+        sp = draw_item(spec, px_per_mm=2.0)
+        x0, y0, x1, y1 = sp.box
+        # every opaque pixel is inside the box, and the box is tight
+        ys, xs = np.nonzero(sp.alpha > 0.5)
+        assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
+        if kind in ("cable", "plastic_fragment", "screw"):
+            continue  # irregular shapes fill less than their nominal rectangle
+        fl, fw = footprint_mm(spec)
+        assert (x1 - x0) / 2.0 == pytest.approx(fl, rel=0.08, abs=2.0)
+        assert (y1 - y0) / 2.0 == pytest.approx(fw, rel=0.08, abs=2.0)
+
+
+def test_sizes_follow_items_reference():
+    rng = np.random.default_rng(0)
+    cells = [sample_item("li_ion_cell", rng) for _ in range(50)]
+    assert {(c.length_mm, c.width_mm) for c in cells} <= {(65.0, 18.0), (70.0, 21.0)}
+    coins = [sample_item("coin_cell", rng) for _ in range(50)]
+    assert all(5.8 <= c.length_mm <= 20.0 for c in coins)
+
+
+def test_attached_battery_is_labelled_inside_its_board():
+    rng = np.random.default_rng(11)
+    found = 0
+    for _ in range(60):
+        spec = sample_item("board_high", rng, attach_battery_p=1.0)
+        if spec.attached is None:
+            continue
+        sp = draw_item(spec, 1.8)
+        (name, (px0, py0, px1, py1)), = sp.parts
+        bx0, by0, bx1, by1 = sp.box
+        assert name == spec.attached.kind
+        assert px0 >= bx0 - 1 and py0 >= by0 - 1 and px1 <= bx1 + 1 and py1 <= by1 + 1
+        found += 1
+    assert found > 20
+
+
+def test_labels_are_valid_boxes_of_target_classes():
+    rng = np.random.default_rng(2)
+    n = 0
+    for _ in range(10):
+        img, labels = render_scene(rng, SynthSettings())
+        H, W = img.shape[:2]
+        for l in labels:
+            x0, y0, x1, y1 = l.box
+            assert l.class_name in TARGET_CLASSES
+            assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+            n += 1
+    assert n > 20
