@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from station.clock import VirtualClock
+from station.config import StationConfig
+from station.simline.camera import SimCamera
+from station.simline.world import BeltWorld
+from vision.detector import Detector, ModelError, nms_per_class
+from vision.taxonomy import load_taxonomy
+
+
+@pytest.fixture(scope="module")
+def detector(shipped_model):
+    return Detector(shipped_model, threads=2)
+
+
+def test_model_describes_itself(detector):
+    assert list(detector.names) == load_taxonomy().names
+    assert detector.info.input_hw[0] % 32 == 0 and detector.info.input_hw[1] % 32 == 0
+    assert detector.info.version and detector.info.version != "unknown"
+
+
+def _iou(a, b):
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, x1 - x0) * max(0, y1 - y0)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_finds_the_items_on_the_simulated_line(detector):
+    """Frames of the simulated line, in source pixels: boxes and classes match the ground truth."""
+    cfg = StationConfig()
+    clock = VirtualClock()
+    world = BeltWorld(cfg, clock, n_items=60, seed=99)
+    cam = SimCamera(cfg, world, clock, seed=99)
+    names = list(detector.names)
+    found = total = right_class = 0
+    for k in range(0, 900, 9):
+        t = k / 30
+        clock.advance_to(t)
+        f = cam.render_at(t)
+        world.settle()
+        det = detector(f.image)
+        for cls, box in cam.last_truth:
+            if box[0] < 5 or box[2] > cfg.camera.width - 5:
+                continue   # cut by the image edge: the tracker does not rely on those
+            total += 1
+            ious = [_iou(box, b) for b in det.boxes]
+            if ious and max(ious) >= 0.5:
+                found += 1
+                right_class += names[int(det.class_ids[int(np.argmax(ious))])] == cls
+    assert total > 80
+    assert found / total >= 0.9, (found, total)
+    assert right_class / max(found, 1) >= 0.85, (right_class, found)
+
+
+def test_nothing_on_an_empty_belt(detector):
+    cfg = StationConfig()
+    clock = VirtualClock()
+    world = BeltWorld(cfg, clock, n_items=0)
+    cam = SimCamera(cfg, world, clock)
+    assert len(detector(cam.render_at(0.0).image)) == 0
+
+
+def test_corrupt_and_missing_models_are_refused_clearly(tmp_path, shipped_model):
+    with pytest.raises(ModelError, match="not found"):
+        Detector(tmp_path / "nope.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ModelError, match="corrupt or not an ONNX model"):
+        Detector(junk)
+    half = tmp_path / "half.onnx"
+    data = shipped_model.read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError):
+        Detector(half)
+
+
+def test_wrong_image_shape_is_an_error(detector):
+    with pytest.raises(ValueError, match="HxWx3"):
+        detector(np.zeros((720, 1280), np.uint8))
+
+
+def test_nms_keeps_best_per_class_and_separates_classes():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+    classes = np.array([0, 0, 1, 0])
+    keep = nms_per_class(boxes, scores, classes, iou=0.5, limit=10)
+    assert sorted(keep.tolist()) == [0, 2, 3]
