@@ -97,7 +97,7 @@ class TrackingConfig(_Section):
 
 class LinkConfig(_Section):
     port: str = Field("sim", description="sim (firmware simulator on a pty) | a serial device | a pyserial URL")
-    baudrate: int = Field(115200, gt=0)
+    baudrate: int = Field(250000, gt=0)
     watchdog_ms: int = Field(250, ge=50, le=10000)
     report_interval_ms: int = Field(20, ge=1, le=1000)
 
