@@ -37,6 +37,8 @@ _EXPORTS = {
     "McuEnvironment": "environment",
     "ConstantSpeedEnvironment": "environment",
     "FirmwareSimulator": "simulator",
+    "NativeFirmware": "native",
+    "build_host_firmware": "native",
     "open_pty_pair": "pseudo_terminal",
     "close_pty_pair": "pseudo_terminal",
 }
@@ -66,5 +68,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .framing import Frame, FrameDecoder
     from .link import DiverterLink, LinkError
     from .messages import PROTOCOL_VERSION, DiverterSetup, FaultCode, MsgType, NakReason, ProtocolError
+    from .native import NativeFirmware, build_host_firmware
     from .pseudo_terminal import close_pty_pair, open_pty_pair
     from .simulator import FirmwareSimulator

@@ -3,7 +3,7 @@
 Every event carries ``host_time_s``: the link's injected clock at receipt, so virtual-time runs stay
 deterministic. A FireAt's story is: ``AckEvent`` then ``FiredEvent`` (or a ``NakEvent`` with its
 command_id); or ``NakEvent`` alone; or ``CommandTimeoutEvent`` (never answered); or it is listed in a
-``ResetEvent`` (the MCU rebooted and lost it).
+``ResetEvent`` (the MCU rebooted and lost it, or it was still unanswered then).
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class FaultEvent(LinkEvent):
 
 @dataclass(frozen=True)
 class ResetEvent(LinkEvent):
-    """The MCU rebooted (new boot_id). ``lost_command_ids`` were acked and will never fire."""
+    """The MCU rebooted (new boot_id). ``lost_command_ids`` will never fire (from now on): the ones it had
+    acked, and the ones still unanswered, which the link does not retransmit to the new boot (the old boot
+    may have fired them with the answers lost, and their counts are in the old boot's encoder frame)."""
 
     boot_id: int
     lost_command_ids: tuple[int, ...]

@@ -549,8 +549,12 @@ class DiverterLink:
             self._hello_seen.set()
             return
         self._resets += 1
-        lost = tuple(sorted(self._outstanding))
+        # Unanswered commands are lost too, and are not retransmitted to the new boot: the old boot may have
+        # fired them (Ack and Fired lost on the wire), and their belt counts are in the old boot's encoder
+        # coordinates. Re-sending them could fire a second time, or at the wrong place.
+        lost = tuple(sorted(self._outstanding | set(self._pending)))
         self._outstanding.clear()
+        self._pending.clear()
         self.belt_clock.reset()
         reconfigure = self._last_configure is not None
         if self._last_configure is not None:

@@ -25,6 +25,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 from .environment import ConstantSpeedEnvironment, McuEnvironment
@@ -399,8 +400,7 @@ class FirmwareSimulator:
         if reason is None and len(self._queue) >= QUEUE_LIMIT:
             reason = NakReason.QUEUE_FULL
         if reason is None:
-            latency_s = self._diverters[msg.diverter].latency_us * 1e-6
-            on_count = msg.belt_count - round(latency_s * self.counts_per_s())
+            on_count = msg.belt_count - self._compensation_counts(self._diverters[msg.diverter].latency_us)
             if self.env.encoder_count() >= on_count:
                 reason = NakReason.LATE
         if reason is not None:
@@ -440,6 +440,19 @@ class FirmwareSimulator:
             return 0.0
         (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
         return (c1 - c0) * 1e6 / (t1 - t0) if t1 > t0 else 0.0
+
+    def _compensation_counts(self, latency_us: int) -> int:
+        """round(latency_us * counts_per_s / 1e6), computed exactly (ties to even).
+
+        Why not the float product: the C firmware computes this in integers, and a float product that lands
+        a hair off an exact .5 would make the two implementations disagree by one count.
+        """
+        if len(self._samples) < 2:
+            return 0
+        (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
+        if t1 <= t0:
+            return 0
+        return round(Fraction(latency_us * (c1 - c0), t1 - t0))
 
     def _sample(self, now_us: int, count: int) -> None:
         s = self._samples

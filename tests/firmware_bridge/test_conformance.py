@@ -1,0 +1,384 @@
+"""One conformance suite, two MCUs: the Python simulator and the C firmware core (host build).
+
+Each test body runs against both implementations (the ``mcu`` fixture, conftest.py), each on the far end
+of its own real pseudo-terminal and driven through the real host ``DiverterLink``. The world is manual:
+the belt and the MCU clock move only when a test advances them (1000 counts/s), so what fires, and at
+which count, is deterministic. If a test passes for one implementation and fails for the other, the C
+firmware and the reference behaviour (simulator.py, PROTOCOL.md) disagree: that is the point of it.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+import pytest
+
+from firmware_bridge import (
+    AckEvent,
+    CommandTimeoutEvent,
+    ConstantSpeedEnvironment,
+    DiverterLink,
+    DiverterSetup,
+    FaultCode,
+    FaultEvent,
+    FiredEvent,
+    FirmwareSimulator,
+    NakEvent,
+    NakReason,
+    ResetEvent,
+)
+from firmware_bridge.framing import Frame, encode_frame
+from firmware_bridge.messages import Configure, FireAt, Identify, MsgType
+from firmware_bridge.native import NativeFirmware
+
+MCU_KINDS = ["python-sim", "c-core"]  # the same two as the `mcu` fixture in conftest.py
+DIVERTERS = [
+    DiverterSetup(id=0, latency_us=20_000, max_on_ms=100),  # 20 ms ahead = 20 counts at 1000 counts/s
+    DiverterSetup(id=1, latency_us=0, max_on_ms=50),
+]
+
+
+def nak_for(cid: int, reason: NakReason):
+    return lambda e: isinstance(e, NakEvent) and e.command_id == cid and e.reason == reason
+
+
+def ack_for(cid: int, msg_type: int = MsgType.FIRE_AT):
+    return lambda e: isinstance(e, AckEvent) and e.command_id == cid and e.msg_type == msg_type
+
+
+def wait_until(predicate, timeout: float = 1.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# ------------------------------------------------------------------------------------------- handshake
+def test_handshake_and_configure(linked) -> None:
+    mcu, link, log = linked
+    assert link.hello is not None and link.hello.boot_id == mcu.boot_id
+    assert link.hello.protocol_version == 1 and link.hello.config_crc == 0
+    assert not mcu.configured
+    link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+    assert mcu.configured
+    log.wait_for(ack_for(0, MsgType.CONFIGURE))
+    # The config CRC in Hello is CRC-32 of the accepted Configure payload: it reveals a reset MCU.
+    link._send(Identify())
+    expected = zlib.crc32(Configure(0.5, tuple(DIVERTERS), 60_000, 20).encode_payload())
+    wait_until(lambda: link.hello is not None and link.hello.config_crc == expected, what="Hello with config CRC")
+    assert link.health()["resets"] == 0
+
+
+def test_fire_before_configure_is_naked(linked) -> None:
+    mcu, link, log = linked
+    link.fire_at(1, 0, 1000, 10)
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(1, NakReason.NOT_CONFIGURED))
+
+
+def test_invalid_configure_is_refused_by_the_mcu(linked) -> None:
+    mcu, link, log = linked
+    link._send(Configure(0.5, (DiverterSetup(0, 0, 10),), watchdog_ms=10))  # host would refuse it
+    ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == MsgType.CONFIGURE)
+    assert ev.reason == NakReason.BAD_PARAMS
+    assert not mcu.configured
+
+
+# ------------------------------------------------------------------------------------------- firing
+def test_future_fire_fires_once_at_latency_compensated_count(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(7, 0, belt_count=100, pulse_ms=30)  # 20 ms latency at 1000 counts/s -> on at 80
+    assert link.wait_settled(1.0)
+    log.wait_for(ack_for(7))
+    mcu.advance(59)  # count 79: one short
+    assert mcu.shots() == []
+    mcu.advance(6)  # count 85: due; the command's on_count is 80, not 85
+    assert [(s.diverter, s.on_count, s.pulse_ms, s.command_id) for s in mcu.shots()] == [(0, 80, 30, 7)]
+    fired = log.wait_for(lambda e: isinstance(e, FiredEvent))
+    assert (fired.command_id, fired.diverter, fired.actual_count) == (7, 0, 80)
+    mcu.advance(100)
+    mcu.sync()
+    assert len(mcu.shots()) == 1
+    assert len(log.of_type(FiredEvent)) == 1
+
+
+def test_zero_latency_diverter_fires_at_commanded_count(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(8, 1, belt_count=50, pulse_ms=20)
+    assert link.wait_settled(1.0)
+    mcu.advance(29)
+    assert mcu.shots() == []
+    mcu.advance(1)
+    assert [(s.on_count, s.count_when_called) for s in mcu.shots()] == [(50, 50)]
+
+
+def test_compensation_follows_measured_speed(ready) -> None:
+    mcu, link, log = ready
+    for _ in range(12):  # belt now at 2000 counts/s over the whole 100 ms window
+        mcu.advance(20, dt_us=10_000)
+    assert mcu.counts_per_s == pytest.approx(2000.0)
+    start = mcu.count
+    link.fire_at(9, 0, belt_count=start + 200, pulse_ms=10)  # 20 ms at 2000 counts/s = 40 counts
+    assert link.wait_settled(1.0)
+    mcu.advance(200, dt_us=100_000)
+    assert [s.on_count for s in mcu.shots()] == [start + 160]
+
+
+def test_late_command_is_naked_and_never_fired(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(3, 0, belt_count=40, pulse_ms=30)  # on_count 20 == current count: already late
+    link.fire_at(4, 1, belt_count=5, pulse_ms=30)  # long past
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(3, NakReason.LATE))
+    log.wait_for(nak_for(4, NakReason.LATE))
+    mcu.advance(100)
+    assert mcu.shots() == []
+    assert link.health()["naks"] == {"LATE": 2}
+
+
+def test_duplicate_command_id_fires_once(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(5, 0, belt_count=200, pulse_ms=30)
+    assert link.wait_settled(1.0)
+    link.fire_at(5, 0, belt_count=200, pulse_ms=30)  # e.g. a host retry after a lost ack
+    assert link.wait_settled(1.0)
+    assert len([e for e in log.of_type(AckEvent) if e.command_id == 5]) == 2  # acked again...
+    assert mcu.queue_depth == 1  # ...but queued once
+    mcu.advance(300)
+    assert [s.command_id for s in mcu.shots()] == [5]
+    link.fire_at(5, 0, belt_count=900, pulse_ms=30)  # after firing: same answer, never queued again
+    assert link.wait_settled(1.0)
+    assert mcu.queue_depth == 0
+    mcu.advance(1000)
+    assert [s.command_id for s in mcu.shots()] == [5]
+
+
+def test_duplicate_of_a_naked_command_gets_the_same_nak(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(6, 9, belt_count=500, pulse_ms=10)
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(6, NakReason.UNKNOWN_DIVERTER))
+    link.fire_at(6, 0, belt_count=500, pulse_ms=10)  # same id, now valid: still the first answer
+    assert link.wait_settled(1.0)
+    assert len([e for e in log.of_type(NakEvent) if e.command_id == 6]) == 2
+    mcu.advance(600)
+    assert mcu.shots() == []
+
+
+def test_lost_frame_is_retransmitted_and_fires_once(ready) -> None:
+    mcu, link, log = ready
+    mcu.drop_rx(MsgType.FIRE_AT, 1)
+    link.fire_at(9, 0, belt_count=200, pulse_ms=30)
+    assert link.wait_settled(1.0)
+    log.wait_for(ack_for(9))
+    assert link.health()["retries"] >= 1
+    mcu.advance(300)
+    assert [s.command_id for s in mcu.shots()] == [9]
+
+
+def test_unanswered_command_times_out(ready) -> None:
+    mcu, link, log = ready
+    mcu.drop_rx(MsgType.FIRE_AT, 10)
+    link.fire_at(10, 0, belt_count=500, pulse_ms=30)
+    assert link.wait_settled(2.0)
+    ev = log.wait_for(lambda e: isinstance(e, CommandTimeoutEvent))
+    assert (ev.command_id, ev.attempts) == (10, 4)
+    mcu.advance(600)
+    assert mcu.shots() == []
+
+
+def test_queue_full(ready) -> None:
+    mcu, link, log = ready
+    for cid in range(100, 165):
+        link.fire_at(cid, 1, 10_000 + cid, 10)
+    assert link.wait_settled(2.0)
+    log.wait_for(nak_for(164, NakReason.QUEUE_FULL))
+    assert mcu.queue_depth == 64
+    assert len([e for e in log.of_type(AckEvent) if e.msg_type == MsgType.FIRE_AT]) == 64
+
+
+def test_bad_params(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(20, 0, 1000, pulse_ms=101)  # diverter 0: max_on_ms 100
+    link._submit(FireAt(21, 1, 1000, 0))  # pulse 0 (the host refuses it; the MCU must too)
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(20, NakReason.BAD_PARAMS))
+    log.wait_for(nak_for(21, NakReason.BAD_PARAMS))
+    mcu.advance(2000)
+    assert mcu.shots() == []
+
+
+def test_unknown_diverter(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(22, 9, 1000, pulse_ms=10)
+    link.fire_now(23, 9, pulse_ms=10)
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(22, NakReason.UNKNOWN_DIVERTER))
+    log.wait_for(nak_for(23, NakReason.UNKNOWN_DIVERTER))
+    mcu.advance(2000)
+    assert mcu.shots() == []
+
+
+def test_unknown_message_type_and_bad_payload_and_bad_version(ready) -> None:
+    mcu, link, log = ready
+    link._ser.write(encode_frame(Frame(1, 200, 0x07, b"")))  # no such message
+    ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == 0x07)
+    assert ev.reason == NakReason.UNSUPPORTED
+    link._ser.write(encode_frame(Frame(1, 201, int(MsgType.CANCEL), b"\x01\x02")))  # 2 bytes, needs 4
+    ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == MsgType.CANCEL)
+    assert ev.reason == NakReason.BAD_PARAMS
+    link._ser.write(encode_frame(Frame(2, 202, int(MsgType.HEARTBEAT), bytes(8))))  # protocol v2
+    fault = log.wait_for(lambda e: isinstance(e, FaultEvent))
+    assert (fault.code, fault.detail) == (FaultCode.BAD_VERSION, 2)
+
+
+def test_cancel(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(30, 0, 300, 10)
+    assert link.wait_settled(1.0)
+    link.cancel(30)
+    log.wait_for(ack_for(30, MsgType.CANCEL))
+    assert mcu.queue_depth == 0
+    link.cancel(30)
+    log.wait_for(nak_for(30, NakReason.NOT_QUEUED))
+    link.cancel(12345)
+    log.wait_for(nak_for(12345, NakReason.NOT_QUEUED))
+    mcu.advance(400)
+    assert mcu.shots() == []
+
+
+def test_fire_now(ready) -> None:
+    mcu, link, log = ready
+    link.fire_now(40, 1, 25)
+    assert link.wait_settled(1.0)
+    fired = log.wait_for(lambda e: isinstance(e, FiredEvent))
+    assert (fired.command_id, fired.actual_count) == (40, mcu.count)
+    assert [(s.diverter, s.on_count, s.pulse_ms) for s in mcu.shots()] == [(1, mcu.count, 25)]
+    link.fire_now(40, 1, 25)  # a retransmission never fires twice
+    assert link.wait_settled(1.0)
+    mcu.sync()
+    assert len(mcu.shots()) == 1
+
+
+def test_new_configuration_ends_queued_commands(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(45, 0, 500, 10)
+    assert link.wait_settled(1.0)
+    link.configure(0.5, DIVERTERS, watchdog_ms=60_000)  # identical: harmless, queue kept
+    assert mcu.queue_depth == 1
+    link.configure(0.25, DIVERTERS, watchdog_ms=60_000)  # different: queue ends with NOT_CONFIGURED
+    log.wait_for(nak_for(45, NakReason.NOT_CONFIGURED))
+    assert mcu.queue_depth == 0
+    mcu.advance(600)
+    assert mcu.shots() == []
+
+
+# ------------------------------------------------------------------------------------------- safety
+def test_watchdog_trip_and_rearm(ready) -> None:
+    mcu, link, log = ready
+    link.configure(0.5, DIVERTERS, watchdog_ms=250)
+    link.fire_at(60, 0, 10_000, 10)
+    assert link.wait_settled(1.0)
+    link.heartbeats_enabled = False
+    time.sleep(0.1)  # let a heartbeat already on the wire arrive
+    mcu.sync()
+    mcu.advance(0, dt_us=250_000)  # silent for exactly watchdog_ms of MCU time: not yet
+    assert not log.of_type(FaultEvent) and mcu.queue_depth == 1
+    mcu.advance(0, dt_us=1_000)
+    fault = log.wait_for(lambda e: isinstance(e, FaultEvent))
+    assert (fault.code, fault.detail) == (FaultCode.WATCHDOG, 1)
+    log.wait_for(nak_for(60, NakReason.WATCHDOG))
+    assert mcu.queue_depth == 0
+    wait_until(lambda: link.mcu_status is not None and link.mcu_status.watchdog_tripped, what="tripped Status")
+
+    link.fire_at(61, 0, 10_000, 10)  # tripped: refused until a heartbeat re-arms
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(61, NakReason.WATCHDOG))
+
+    link.heartbeats_enabled = True
+    wait_until(lambda: not link.mcu_status.watchdog_tripped, what="re-armed Status")
+    link.fire_at(62, 0, 10_000, 10)
+    assert link.wait_settled(1.0)
+    log.wait_for(ack_for(62))
+    mcu.advance(20_000, dt_us=1_000)  # command 60 was cancelled and never fires; 62 does
+    assert [s.command_id for s in mcu.shots()] == [62]
+
+
+def test_estop_flushes_queue_refuses_fires_and_rearms_on_release(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(50, 0, 500, 10)
+    link.fire_at(51, 1, 600, 10)
+    assert link.wait_settled(1.0)
+    mcu.set_estop(True)
+    fault = log.wait_for(lambda e: isinstance(e, FaultEvent) and e.code == FaultCode.ESTOP)
+    assert fault.detail == 2
+    log.wait_for(nak_for(50, NakReason.ESTOP))
+    log.wait_for(nak_for(51, NakReason.ESTOP))
+    link.fire_at(52, 0, 700, 10)
+    link.fire_now(53, 0, 10)
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(52, NakReason.ESTOP))
+    log.wait_for(nak_for(53, NakReason.ESTOP))
+    mcu.advance(1000)
+    assert mcu.shots() == []
+    # Release: nothing from before fires by itself; the host must send new commands (explicit re-arm).
+    mcu.set_estop(False)
+    wait_until(lambda: link.mcu_status is not None and not link.mcu_status.estop, what="estop released Status")
+    mcu.advance(1000)
+    assert mcu.shots() == []
+    link.fire_at(54, 1, mcu.count + 50, 10)
+    assert link.wait_settled(1.0)
+    log.wait_for(ack_for(54))
+    mcu.advance(100)
+    assert [s.command_id for s in mcu.shots()] == [54]
+
+
+def test_mcu_reset_is_detected_and_configuration_restored(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(70, 0, 500, 10)
+    assert link.wait_settled(1.0)
+    old_boot = mcu.boot_id
+    mcu.reset()
+    ev = log.wait_for(lambda e: isinstance(e, ResetEvent))
+    assert ev.boot_id == mcu.boot_id != old_boot
+    assert ev.lost_command_ids == (70,) and ev.reconfigure_sent
+    wait_until(lambda: mcu.configured, what="re-Configure after the reset")
+    assert link.health()["resets"] == 1
+    mcu.advance(10)
+    mcu.advance(10)
+    link.fire_at(71, 1, mcu.count + 50, 10)
+    assert link.wait_settled(1.0)
+    mcu.advance(600)
+    assert [s.command_id for s in mcu.shots()] == [71]  # 70 died with the old boot
+
+
+# ------------------------------------------------------------------------------------------- real time
+@pytest.mark.parametrize("kind", MCU_KINDS)
+def test_watchdog_in_real_time_when_host_goes_silent(kind: str, request: pytest.FixtureRequest) -> None:
+    """A real-time belt: the host stops heartbeating; the MCU's own clock trips the watchdog."""
+    if kind == "python-sim":
+        env = ConstantSpeedEnvironment(mm_per_count=0.5, speed_mm_s=500.0)
+        served = FirmwareSimulator.on_new_pty(env)
+    else:
+        served = NativeFirmware(request.getfixturevalue("c_core_binary"), counts_per_s=1000.0)
+    with served:
+        with DiverterLink(served.slave_path) as link:
+            link.configure(0.5, [DiverterSetup(0, 5_000, 100)], watchdog_ms=250)
+            time.sleep(0.05)
+            count_now = link.belt_clock.count_at(time.monotonic())
+            link.fire_at(1, 0, int(count_now) + 100_000, 10)
+            assert link.wait_settled(1.0)
+            link.heartbeats_enabled = False
+            silent_since = time.monotonic()
+            events = []
+            while not any(isinstance(e, FaultEvent) for e in events):
+                assert time.monotonic() < silent_since + 2.0, f"no watchdog fault; events {events}"
+                time.sleep(0.002)
+                events += link.poll_events()
+            fault = next(e for e in events if isinstance(e, FaultEvent))
+            assert fault.code == FaultCode.WATCHDOG and fault.detail == 1
+            # Generous bounds: this checks the rule, not speed (bench/link.py measures the time).
+            assert 0.25 - 0.06 <= fault.host_time_s - silent_since <= 0.25 + 0.5
+            assert any(isinstance(e, NakEvent) and e.reason == NakReason.WATCHDOG for e in events)
+    fired = list(env.actuations) if kind == "python-sim" else served.fired()
+    assert fired == []
