@@ -17,6 +17,8 @@ $(VENV)/.runtime: pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP) install -q -e '.[dev]'
+	@# the HMI's browser tests drive Debian's chromium (Playwright's own download is not used)
+	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium fonts-noto-cjk; }
 	@touch $@
 
 run: $(VENV)/.runtime

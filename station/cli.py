@@ -57,6 +57,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     st.start()
+    hmi = None
+    if cfg.hmi.enabled:
+        from station.hmi import HmiServer
+
+        try:
+            hmi = HmiServer(st, cfg.hmi)
+            print(f"HMI: {hmi.start()}", flush=True)
+        except OSError as e:   # the line runs without its screen rather than not at all; say so loudly
+            hmi = None
+            print(f"warning: {e}", file=sys.stderr, flush=True)
     t_end = time.monotonic() + a.duration if a.duration else None
     tty = sys.stdout.isatty()
     try:
@@ -69,6 +79,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                 break
     finally:
         print("\nstopping...", flush=True)
+        if hmi is not None:
+            hmi.stop()
         st.stop()
     c = st.core.counters
     print(json.dumps({"decided": c.decided, "per_bin": {str(k): v for k, v in c.per_bin.items()},

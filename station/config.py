@@ -122,6 +122,33 @@ class SimConfig(_Section):
 
 class HmiConfig(_Section):
     status_interval_s: float = Field(1.0, gt=0)
+    enabled: bool = Field(True, description="serve the operator's touchscreen HMI while `kozan run` runs")
+    host: str = Field("127.0.0.1", description="address the HMI binds to; anything but loopback needs hmi.token")
+    port: int = Field(8080, ge=0, le=65535, description="HMI port; 0 picks a free one (tests)")
+    token: str = Field("", description="shared secret every HMI request must carry (?token=, cookie or "
+                                       "Authorization: Bearer); required when host is not loopback")
+    preview_fps: float = Field(4.0, gt=0, le=15, description="live-view frames encoded per second, at most")
+    preview_width: int = Field(480, ge=160, le=1280, description="live-view width in pixels")
+    push_interval_s: float = Field(0.5, ge=0.1, le=10, description="how often the page gets fresh counters")
+    pin_hash: str = Field("", description="technician PIN as pbkdf2_sha256$iterations$salt$hex "
+                                          "(`python -m station.hmi.auth` makes one)")
+    pin_env: str = Field("KOZAN_HMI_PIN", description="environment variable holding the technician PIN "
+                                                      "when pin_hash is empty")
+    pin_max_failures: int = Field(5, ge=1, le=100, description="wrong PINs before the PIN entry locks")
+    pin_lockout_s: float = Field(60.0, gt=0, le=86400, description="first lockout; doubles on each further one")
+    tech_session_s: float = Field(600.0, gt=0, le=86400, description="technician access lasts this long")
+    audit_path: str = Field("var/hmi_audit.jsonl", description="audit log of HMI actions (relative to the repo root)")
+    language: str = Field("en", description="default HMI language (a file in station/hmi/i18n/)")
+    low_conf_rate: float = Field(0.3, gt=0, le=1, description="alarm when this share of recent items is "
+                                                              "sent to manual for low confidence")
+    low_conf_window: int = Field(40, ge=5, le=10000, description="recent items the low-confidence share is over")
+
+    @model_validator(mode="after")
+    def _network_needs_token(self) -> "HmiConfig":
+        if self.enabled and self.host not in ("127.0.0.1", "localhost", "::1") and not self.token:
+            raise ValueError(f"hmi.host={self.host!r} serves the HMI on the network: set hmi.token to a "
+                             "long random secret (or keep hmi.host=127.0.0.1)")
+        return self
 
 
 class StationConfig(_Section):

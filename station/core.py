@@ -117,7 +117,13 @@ class StationCore:
         for tr in self.tracker.due_for_decision(c, self.cfg.line.decision_line_mm):
             tr.decided = True
             decisions.append(self._act(tr, frame, c))
-        self.counters.lost_tracks += len(self.tracker.prune(c))
+        for tr in self.tracker.prune(c):
+            if tr.hits >= self.cfg.rules.min_views and tr.born_x_mm >= self.cfg.line.decision_line_mm:
+                # a real item the detector saw only past the decision line: unsorted, on record
+                tr.decided = True
+                decisions.append(self._act(tr, frame, c))
+            else:
+                self.counters.lost_tracks += 1     # flicker: a few frames of something, never an item
         self.counters.frames += 1
         return FrameResult(frame, det, c, seen, decisions)
 

@@ -19,7 +19,7 @@ from station.clock import MonotonicClock
 from station.config import StationConfig
 from station.core import FrameResult, StationCore
 from station.records import Records
-from station.state import LineState, StateMachine
+from station.state import IllegalTransition, LineState, StateMachine
 from vision.frame import Frame
 from vision.sources import CameraLost, open_camera
 from vision.taxonomy import load_taxonomy
@@ -109,7 +109,7 @@ class Station:
         bc = self.link.belt_clock
         self.core = StationCore(cfg, self.detector, self.link, self.records, load_taxonomy(),
                                 geometry_from_config(cfg), self.clock.now,
-                                counts_per_s=lambda: bc.counts_per_s() if bc.ready() else cps_cfg,
+                                counts_per_s=lambda: bc.counts_per_s if bc.ready else cps_cfg,
                                 model_version=self.detector.info.version, alarms=self.alarms)
         self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
 
@@ -131,7 +131,7 @@ class Station:
         if f.belt_count is not None:
             return f.belt_count
         bc = self.link.belt_clock
-        return int(bc.count_at(f.t_ns / 1e9)) if bc.ready() else None
+        return int(bc.count_at(f.t_ns / 1e9)) if bc.ready else None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -188,3 +188,85 @@ class Station:
         return (f"[{self.state.state.value}] fps {self.stats.fps:4.1f}  latency {self.stats.latency_ms_p50:5.1f}ms  "
                 f"items {c.decided:4d} ({bins})  missed {c.missed}  dropped {self.mailbox.dropped}  "
                 f"link rtt {rtt_s}  alarms {len(self.alarms.active())}")
+
+    # ---- operator and technician actions (the HMI calls these; a refusal says why) ---------------
+    def start_line(self) -> None:
+        """Idle or paused -> running. Raises IllegalTransition from fault/e-stop: reset first."""
+        self.state.start()
+
+    def pause_line(self) -> None:
+        """Running -> paused: frames are no longer sorted until the line is started again."""
+        self.state.pause()
+
+    def stop_line(self) -> None:
+        """Running or paused -> idle (the threads keep running: the line can be started again)."""
+        self.state.stop()
+
+    def estop_line(self, reason: str = "e-stop pressed on the HMI") -> None:
+        """Software e-stop: stops sorting at once; only an explicit reset leaves it."""
+        self.state.estop(reason)
+
+    def reset_line(self) -> None:
+        """Fault or e-stop -> idle, after a person has looked at the cause."""
+        self.state.reset()
+
+    def send_next_to_manual(self, n: int = 1) -> int:
+        """Operator override: the next `n` items go to the manual path whatever they are."""
+        if n < 1:
+            raise ValueError(f"n={n}: send at least one item to manual")
+        self.core.sorter.manual_next += n
+        return self.core.sorter.manual_next
+
+    def apply_settings(self, changes: dict[str, Any]) -> StationConfig:
+        """Technician changes to `rules` (merged key by key) and `diverters` (the whole list).
+
+        The result is validated as a whole configuration before anything changes (the battery
+        safety rule, one enabled diverter per bin), so a refused change leaves the line as it was;
+        an accepted one applies from the next item decided.
+        """
+        from station.config import ConfigError, config_from_dict
+
+        unknown = set(changes) - {"rules", "diverters"}
+        if unknown:
+            raise ConfigError(f"only rules and diverters can change on a running station, not {sorted(unknown)}")
+        data = self.cfg.model_dump(mode="json")
+        if "rules" in changes:
+            if not isinstance(changes["rules"], dict):
+                raise ConfigError("rules: expected a mapping of rule settings")
+            for k, v in changes["rules"].items():
+                if isinstance(v, dict) and isinstance(data["rules"].get(k), dict):
+                    data["rules"][k] = {**data["rules"][k], **v}
+                else:
+                    data["rules"][k] = v
+        if "diverters" in changes:
+            data["diverters"] = changes["diverters"]
+        new = config_from_dict(data, "settings from the HMI")
+        # validated as a whole just above; assigning section by section would re-validate a
+        # half-changed configuration (e.g. a diverter off before its rule moved to manual)
+        self.cfg.__dict__.update(diverters=new.diverters, rules=new.rules)
+        sorter = self.core.sorter
+        sorter._diverter_for_bin = {d.bin: d for d in self.cfg.diverters if d.enabled}
+        self.core._pulse = {d.id: d.pulse_ms for d in self.cfg.diverters}
+        self.core._latency = {d.id: d.latency_ms for d in self.cfg.diverters}
+        log.info("settings changed: %s", sorted(changes))
+        return self.cfg
+
+    def switch_model(self, model: str) -> str:
+        """Load another ONNX model (path relative to the repo root) while the line is idle.
+
+        Its classes must be the ones the tracker and rules were built for; returns its version.
+        """
+        if self.state.state != LineState.IDLE:
+            raise IllegalTransition("stop the line before changing the model")
+        trial = self.cfg.model_copy(deep=True)
+        trial.detector.model = model
+        det = build_detector(trial)
+        if tuple(det.names) != tuple(self.detector.names):
+            raise ValueError(f"model {model} detects {list(det.names)}, the station was built for "
+                             f"{list(self.detector.names)}: restart `kozan run` with that model instead")
+        self.detector = det
+        self.core.detector = det
+        self.core.model_version = det.info.version
+        self.cfg.detector.model = model
+        log.info("model switched to %s (%s)", model, det.info.version)
+        return det.info.version

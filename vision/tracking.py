@@ -216,9 +216,14 @@ class BeltTracker:
         tr.history.append((count, float((uf + ub) / 2), float(y), cls, score))
 
     def due_for_decision(self, count: int, decision_line_mm: float) -> list[Track]:
-        """Undecided tracks whose centre has reached the decision line."""
+        """Undecided tracks whose centre has reached the decision line.
+
+        Only tracks first seen upstream of the line: one born past it was missed by the detector
+        until too late to sort, and is reported when it leaves the view (see `prune`).
+        """
         return [t_ for t_ in self.tracks.values()
-                if not t_.decided and t_.x_at(count, self.geom) >= decision_line_mm]
+                if not t_.decided and t_.born_x_mm < decision_line_mm
+                and t_.x_at(count, self.geom) >= decision_line_mm]
 
     def prune(self, count: int) -> list[Track]:
         """Drop tracks that have left the view, and undecided ones no longer seen (flicker).

@@ -1,0 +1,251 @@
+"""HMI API against a real station running the simulated line in real time (FastAPI TestClient),
+plus the live stream over a real uvicorn on a free port."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from station.alarms import Severity
+from station.config import ConfigError, HmiConfig, config_from_dict
+from station.hmi import Hmi, HmiServer, languages
+from station.hmi.auth import hash_pin
+
+from .conftest import wait_for
+
+PIN = "2468"
+HMI_DIR = Path(__file__).resolve().parents[2] / "station" / "hmi"
+
+
+@pytest.fixture
+def hmi(running_station: Any, tmp_path: Path) -> Iterator[Hmi]:
+    cfg = HmiConfig(port=0, pin_hash=hash_pin(PIN, iterations=1000), pin_max_failures=3, pin_lockout_s=30,
+                    push_interval_s=0.2)
+    h = Hmi(running_station, cfg, audit_path=tmp_path / "audit.jsonl")
+    h.start_threads()
+    yield h
+    h.stop_threads()
+
+
+@pytest.fixture
+def client(hmi: Hmi) -> TestClient:
+    return TestClient(hmi.app)
+
+
+def audit_lines(hmi: Hmi) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in hmi.audit.path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_page_and_assets_are_served_from_the_package(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and "/static/app.js" in r.text
+    for asset in ("app.js", "app.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+
+
+def test_state_shows_counters_growing_on_the_running_line(client: TestClient, running_station: Any) -> None:
+    s0 = client.get("/api/state").json()
+    assert s0["state"] == "running"
+    assert [b["bin"] for b in s0["bins"]] == [0, 1, 2, 3, 4]
+    s1 = wait_for(lambda: (s := client.get("/api/state").json())["counters"]["decided"] >= 3 and s,
+                  90, "3 items decided")
+    assert sum(b["count"] for b in s1["bins"]) == s1["counters"]["decided"]
+    assert sum(s1["counters"]["per_class"].values()) == s1["counters"]["decided"]
+    assert s1["counters"]["frames"] > s0["counters"]["frames"]
+    assert s1["recent"] and {"track_id", "class", "bin", "reason", "outcome"} <= set(s1["recent"][0])
+    # the last items carry thumbnails, cut from the frame they were decided in
+    with_thumb = wait_for(lambda: [i for i in client.get("/api/state").json()["recent"] if i["thumb"]], 30,
+                          "a thumbnail")
+    r = client.get(f"/api/thumb/{with_thumb[0]['track_id']}.jpg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    img = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and img.shape[0] == 112
+    assert client.get("/api/thumb/999999.jpg").status_code == 404
+    sh = client.get("/api/state").json()["shift"]
+    assert sh["items"] >= 3 and sh["running_s"] >= 0
+
+
+def test_line_controls_follow_the_state_machine_and_are_audited(client: TestClient, running_station: Any,
+                                                                hmi: Hmi) -> None:
+    st = running_station
+    try:
+        assert client.post("/api/line/stop").json()["state"] == "idle"
+        assert st.state.state.value == "idle"
+        r = client.post("/api/line/pause")                  # idle cannot pause
+        assert r.status_code == 409 and "idle" in r.json()["detail"]
+        assert client.post("/api/line/start").json()["state"] == "running"
+        assert client.post("/api/line/pause").json()["state"] == "paused"
+        frames = st.core.counters.frames
+        time.sleep(1.0)                                     # let frames arrive: none may be sorted
+        assert client.post("/api/line/estop").json()["state"] == "estop"
+        r = client.post("/api/line/start")                  # leaving e-stop takes a reset
+        assert r.status_code == 409 and "reset" in r.json()["detail"]
+        assert client.post("/api/line/reset").json()["state"] == "idle"
+        assert client.post("/api/line/nonsense").status_code == 404
+        assert st.core.counters.frames - frames <= 1        # nothing sorted while not running
+    finally:
+        if st.state.state.value != "running":
+            st.start_line()
+    wait_for(lambda: client.get("/api/state").json()["state"] == "running", 5, "the page to see the line running")
+    actions = [(e["action"], e["ok"], e["role"]) for e in audit_lines(hmi)]
+    assert ("line.stop", True, "operator") in actions and ("line.start", False, "operator") in actions
+
+
+def test_alarm_is_listed_and_acknowledged(client: TestClient, running_station: Any) -> None:
+    a = running_station.alarms.raise_("diverter_fault", Severity.FAULT, "MCU fault OVERCURRENT (3) (test)")
+    wait_for(lambda: any(x["id"] == a.id for x in client.get("/api/state").json()["alarms"]), 5, "the alarm listed")
+    listed = next(x for x in client.get("/api/state").json()["alarms"] if x["id"] == a.id)
+    assert listed["severity"] == "fault" and "OVERCURRENT" in listed["message"]
+    assert client.post(f"/api/alarms/{a.id}/ack").status_code == 200
+    assert all(x["id"] != a.id for x in client.get("/api/state").json()["alarms"])
+    r = client.post(f"/api/alarms/{a.id}/ack")
+    assert r.status_code == 404 and "already" in r.json()["detail"]
+
+
+def test_send_next_item_to_manual(client: TestClient, running_station: Any) -> None:
+    assert client.post("/api/manual-next", json={"n": 1}).json()["manual_next"] >= 1
+    assert client.post("/api/manual-next", json={"n": 0}).status_code == 422
+    hit = wait_for(lambda: [i for i in client.get("/api/state").json()["recent"] if i["reason"] == "operator_override"],
+                   60, "an item sent to manual by the operator")
+    assert hit[0]["bin"] == 0
+
+
+def test_technician_pin_lockout_settings_and_audit(client: TestClient, running_station: Any, hmi: Hmi) -> None:
+    st = running_station
+    assert client.get("/api/tech/settings").status_code == 401
+    r = client.post("/api/tech/login", json={"pin": "0000"})
+    assert r.status_code == 401 and r.json()["tries_left"] == 2
+    r = client.post("/api/tech/login", json={"pin": PIN})
+    assert r.status_code == 200
+    session = {"X-Kozan-Session": r.json()["session"]}
+    s = client.get("/api/tech/settings", headers=session).json()
+    assert s["rules"]["min_confidence"] == st.cfg.rules.min_confidence and len(s["diverters"]) == 4
+    old = st.cfg.rules.min_confidence
+    try:
+        r = client.post("/api/tech/settings", headers=session, json={"rules": {"min_confidence": 0.7}})
+        assert r.status_code == 200 and st.cfg.rules.min_confidence == 0.7 and st.core.sorter.cfg.rules.min_confidence == 0.7
+        # the battery safety rule holds on the screen too: refused, nothing changed
+        r = client.post("/api/tech/settings", headers=session, json={"rules": {"class_to_bin": {"li_ion_cell": 3}}})
+        assert r.status_code == 422 and "board bin" in r.json()["detail"]
+        assert st.cfg.rules.class_to_bin["li_ion_cell"] == 1
+        # disabling a diverter: its bin's classes must go to manual first, else the change is refused
+        divs = [d.model_dump(mode="json") for d in st.cfg.diverters]
+        divs[3]["enabled"] = False
+        r = client.post("/api/tech/settings", headers=session, json={"diverters": divs})
+        assert r.status_code == 422 and "no enabled diverter" in r.json()["detail"]
+        r = client.post("/api/tech/settings", headers=session,
+                        json={"diverters": divs, "rules": {"class_to_bin": {"board_low": 0}}})
+        assert r.status_code == 200 and 4 not in st.core.sorter._diverter_for_bin
+        r = client.post("/api/tech/model", headers=session, json={"model": "models/none.onnx"})
+        assert r.status_code == 409   # the line runs: stop it before changing the model
+    finally:
+        divs = [dict(d.model_dump(mode="json"), enabled=True) for d in st.cfg.diverters]
+        st.apply_settings({"diverters": divs, "rules": {"min_confidence": old, "class_to_bin": {"board_low": 4}}})
+    # wrong PINs lock the entry, even for the right PIN, until the lockout ends
+    for _ in range(3):
+        client.post("/api/tech/login", json={"pin": "1111"})
+    r = client.post("/api/tech/login", json={"pin": PIN})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    client.post("/api/tech/logout", headers=session)
+    assert client.get("/api/tech/settings", headers=session).status_code == 401
+    log = audit_lines(hmi)
+    logins = [e["ok"] for e in log if e["action"] == "login"]
+    assert logins[:2] == [False, True] and logins[-1] is False
+    settings = [e for e in log if e["action"] == "settings"]
+    assert [e["ok"] for e in settings] == [True, False, False, True]
+    assert settings[0]["role"] == "technician" and settings[0]["changes"] == {"rules": {"min_confidence": 0.7}}
+    assert settings[0]["before"]["rules"]["min_confidence"] == old
+
+
+def test_no_pin_configured_means_no_technician_access(running_station: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KOZAN_HMI_PIN", raising=False)
+    h = Hmi(running_station, HmiConfig(port=0), audit_path=tmp_path / "a.jsonl")
+    r = TestClient(h.app).post("/api/tech/login", json={"pin": "1234"})
+    assert r.status_code == 503 and "KOZAN_HMI_PIN" in r.json()["error"]
+    monkeypatch.setenv("KOZAN_HMI_PIN", "97531")
+    assert TestClient(h.app).post("/api/tech/login", json={"pin": "97531"}).status_code == 200
+
+
+def test_network_binding_needs_a_token(running_station: Any, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="hmi.token"):
+        config_from_dict({"hmi": {"host": "0.0.0.0"}})
+    cfg = config_from_dict({"hmi": {"host": "0.0.0.0", "token": "s3cret-token"}}).hmi
+    c = TestClient(Hmi(running_station, cfg, audit_path=tmp_path / "a.jsonl").app)
+    r = c.get("/api/state")
+    assert r.status_code == 401 and "token" in r.json()["error"]
+    assert c.get("/api/state", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/api/state", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    assert c.get("/?token=s3cret-token").status_code == 200
+    assert c.cookies.get("kozan_token") == "s3cret-token"
+    assert c.get("/api/state").status_code == 200          # the cookie carries it from now on
+
+
+def test_translations_cover_every_string_of_the_page(client: TestClient) -> None:
+    en = json.loads((HMI_DIR / "i18n" / "en.json").read_text(encoding="utf-8"))
+    codes = {x["code"] for x in languages()}
+    assert {"en", "ja"} <= codes
+    assert {x["code"] for x in client.get("/api/i18n").json()["languages"]} == codes
+    for code in codes:
+        other = client.get(f"/api/i18n/{code}").json()
+        missing = set(en) - set(other) - {"_comment"}
+        assert not missing, f"{code}.json lacks {sorted(missing)}"
+    html = (HMI_DIR / "static" / "index.html").read_text(encoding="utf-8")
+    js = (HMI_DIR / "static" / "app.js").read_text(encoding="utf-8")
+    used = set(re.findall(r'data-i18n="([^"]+)"', html)) | set(re.findall(r'\bt\("([a-z_.]+)"', js))
+    assert used and not used - set(en), f"keys used but not translated: {sorted(used - set(en))}"
+    for prefix in ("state", "alarm", "reason"):      # built at run time: t(`state.${...}`)
+        assert any(k.startswith(prefix + ".") for k in en)
+    for st in ("idle", "running", "paused", "fault", "estop"):
+        assert f"state.{st}" in en
+    for code in ("missed_item", "link_lost", "camera_lost", "low_confidence_rate", "diverter_fault"):
+        assert f"alarm.{code}" in en
+    assert client.get("/api/i18n/xx").status_code == 404
+
+
+def test_live_stream_and_preview_over_real_uvicorn(running_station: Any, tmp_path: Path) -> None:
+    cfg = HmiConfig(port=0, preview_fps=5, preview_width=320, push_interval_s=0.2)
+    srv = HmiServer(running_station, cfg, audit_path=tmp_path / "a.jsonl")
+    url = srv.start()
+    try:
+        assert srv.port > 0 and url == f"http://127.0.0.1:{srv.port}/"
+        assert srv.hmi.preview.encoded == 0          # nobody watching: no live view encoded
+        snaps: list[dict[str, Any]] = []
+        with httpx.stream("GET", url + "api/events", timeout=30) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "state":
+                    snaps.append(json.loads(line[6:]))
+                    if len(snaps) >= 2 and snaps[-1]["preview_seq"] > 0:
+                        break
+        assert snaps[0]["state"] == "running"
+        jpg = httpx.get(url + "api/preview.jpg", timeout=10)
+        assert jpg.status_code == 200
+        img = cv2.imdecode(np.frombuffer(jpg.content, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape[1] == 320                    # downscaled to preview_width
+    finally:
+        srv.stop()
+    assert running_station.on_frame is None          # the hook is removed with the HMI
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "api/state", timeout=2)
+
+
+def test_busy_port_is_refused_with_a_message(running_station: Any, tmp_path: Path) -> None:
+    a = HmiServer(running_station, HmiConfig(port=0), audit_path=tmp_path / "a.jsonl")
+    a.start()
+    try:
+        with pytest.raises(OSError, match="hmi.port"):
+            HmiServer(running_station, HmiConfig(port=a.port), audit_path=tmp_path / "b.jsonl").start()
+    finally:
+        a.stop()
