@@ -10,13 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
+
 import numpy as np
+
+_UNDIST = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-10)   # converge even at the image corners
 
 
 @dataclass(frozen=True)
 class BeltGeometry:
-    homography: np.ndarray    # 3x3, image px -> belt-plane mm
+    homography: np.ndarray    # 3x3, image px (undistorted when camera_matrix is set) -> belt-plane mm
     mm_per_count: float
+    camera_matrix: np.ndarray | None = None   # lens model from `kozan calibrate camera`; None = no distortion
+    dist_coeffs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.homography.shape != (3, 3):
@@ -35,6 +41,10 @@ class BeltGeometry:
     def px_to_mm(self, pts: np.ndarray) -> np.ndarray:
         """(N, 2) pixel points -> (N, 2) belt mm."""
         p = np.asarray(pts, np.float64).reshape(-1, 2)
+        if self.camera_matrix is not None and len(p):
+            # undistort into the ideal pinhole image of the same camera matrix, where the plane is a homography
+            p = cv2.undistortPoints(p.reshape(-1, 1, 2), self.camera_matrix, self.dist_coeffs,
+                                    P=self.camera_matrix, criteria=_UNDIST).reshape(-1, 2)
         hom = np.c_[p, np.ones(len(p))] @ self.homography.T
         return hom[:, :2] / hom[:, 2:3]
 

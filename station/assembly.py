@@ -18,9 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def geometry_from_config(cfg: StationConfig) -> BeltGeometry:
-    """Belt geometry. Until a calibration file exists (calibration issue), the camera's configured
-    scale stands in for the homography: exact for the simulated line's straight-down camera."""
-    return BeltGeometry.from_scale(cfg.camera.px_per_mm, cfg.line.mm_per_count)
+    """Belt geometry from the calibration file (`calibration.path`) when there is one. Without one the
+    camera's configured scale stands in for the homography — only on the simulated line, where it is
+    exact for the straight-down camera; a real camera without a calibration is refused."""
+    from calibration.apply import station_geometry
+    from calibration.store import CalibrationError
+    from station.config import ConfigError
+
+    try:
+        return station_geometry(cfg)
+    except CalibrationError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_detector(cfg: StationConfig):

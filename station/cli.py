@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config)
 
     add_model_commands(sub)
+    __import__("calibration.cli").cli.add_calibrate_commands(sub)   # kozan calibrate ...
     return p
 
 

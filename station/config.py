@@ -106,6 +106,20 @@ class RecordsConfig(_Section):
     path: str = Field("var/kozan.sqlite", description="SQLite file (relative to the repo root)")
 
 
+class SimCameraTruth(_Section):
+    """The simulated camera's true model: what `kozan calibrate camera/belt` must recover.
+
+    Pose: a belt point (x, y, 0) in mm maps to camera coordinates R(rvec) @ (x, y, 0) + tvec."""
+    fx: float = Field(gt=0)
+    fy: float = Field(gt=0)
+    cx: float
+    cy: float
+    dist: list[float] = Field(default_factory=lambda: [0.0] * 5, min_length=5, max_length=5,
+                              description="k1 k2 p1 p2 k3 (OpenCV order)")
+    rvec: list[float] = Field(default_factory=lambda: [0.0] * 3, min_length=3, max_length=3, description="radians")
+    tvec: list[float] = Field(min_length=3, max_length=3, description="mm")
+
+
 class SimConfig(_Section):
     seed: int = 1
     items_per_min: float = Field(150.0, gt=0, le=6000)
@@ -118,6 +132,22 @@ class SimConfig(_Section):
     })
     actuator_latency_ms: dict[int, float] = Field(default_factory=dict,
                                                   description="true latency per diverter, if unlike the configured one")
+    # ground truth for calibration (kozan calibrate on the simulated line); unset = today's behaviour:
+    # a straight-down pinhole camera at camera.px_per_mm, the configured encoder scale and diverter positions
+    true_camera: "SimCameraTruth | None" = Field(None, description="true camera model (intrinsics, distortion, "
+                                                                   "pose over the belt); None = ideal straight-down")
+    true_mm_per_count: float | None = Field(None, gt=0, le=10, description="true encoder scale, if unlike line.mm_per_count")
+    true_diverter_position_mm: dict[int, float] = Field(default_factory=dict,
+                                                        description="true diverter position, if unlike the configured one")
+
+
+class CalibrationConfig(_Section):
+    path: str = Field("var/calibration/active.yaml",
+                      description="the active calibration file (relative to the repo root); `kozan calibrate` writes it")
+    history_dir: str = Field("var/calibration/history", description="every replaced calibration is kept here")
+    max_age_days: float = Field(180.0, gt=0, description="`kozan calibrate check` calls older measurements stale")
+    max_belt_residual_mm: float = Field(1.0, gt=0, description="belt homography residual tolerance")
+    max_reprojection_px: float = Field(1.0, gt=0, description="camera calibration RMS tolerance")
 
 
 class HmiConfig(_Section):
@@ -162,6 +192,7 @@ class StationConfig(_Section):
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     hmi: HmiConfig = Field(default_factory=HmiConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
     @field_validator("diverters")
     @classmethod

@@ -103,6 +103,9 @@ class Station:
         else:
             self.camera = open_camera(cfg.camera.source, cfg.camera.width, cfg.camera.height, cfg.camera.fps)
         self.records = Records(records_path or cfg.resolve(cfg.records.path))
+        # the simulated world above is the truth; everything below runs on the calibrated values
+        from calibration.apply import calibrated_config
+        cfg = self.cfg = calibrated_config(cfg)
         self.bundle = open_link(cfg, self.clock, environment=self.world)
         self.link = self.bundle.link
         cps_cfg = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count

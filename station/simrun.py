@@ -34,6 +34,10 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     if cfg.camera.source != "sim" or cfg.link.port != "sim":
         raise ValueError("the fast simulation needs camera.source=sim and link.port=sim")
     wall0 = time.monotonic()
+    # In virtual time the host may stall for wall-clock seconds (a busy machine, GC) while no belt
+    # time passes at all; the MCU watchdog guards real time, so here it only catches a dead host.
+    cfg = cfg.model_copy(deep=True)
+    cfg.link.watchdog_ms = max(cfg.link.watchdog_ms, 5000)
     clock = VirtualClock(0.0)
     world = BeltWorld(cfg, clock, n_items=n_items, seed=seed)
     camera = SimCamera(cfg, world, clock, seed=seed)
@@ -48,10 +52,13 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
         records_path = Path(tmp.name) / "records.sqlite"
     records = Records(records_path)
     # the watchdog runs on wall time: virtual time outpaces the host's wall-clock heartbeats
-    bundle = open_link(cfg, clock, environment=world, watchdog_clock=time.monotonic)
+    # the world and camera are the truth; the station runs on what calibration says about them
+    from calibration.apply import calibrated_config
+    station_cfg = calibrated_config(cfg)
+    bundle = open_link(station_cfg, clock, environment=world, watchdog_clock=time.monotonic)
     link, fw = bundle.link, bundle.firmware
     cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
-    core = StationCore(cfg, det, link, records, load_taxonomy(), geometry_from_config(cfg), clock.now,
+    core = StationCore(station_cfg, det, link, records, load_taxonomy(), geometry_from_config(station_cfg), clock.now,
                        counts_per_s=lambda: cps, model_version=det.info.version, alarms=AlarmBoard(clock.now))
     records.start_run("sim-fast", det.info.version, cfg.model_dump(mode="json"))
     period = 1.0 / cfg.camera.fps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 
+import cv2
 import numpy as np
 
 from station.clock import Clock, VirtualClock
@@ -35,6 +36,14 @@ class SimCamera:
         self._seq = 0
         self._next_t = clock.now()
         self.last_truth: list[tuple[str, tuple[float, float, float, float]]] = []
+        # a true camera model (sim.true_camera) re-images the ideal canvas through its lens and pose
+        self.true_camera = None
+        self._maps = None
+        if cfg.sim.true_camera is not None:
+            from station.simline.camera_model import TrueCamera
+
+            self.true_camera = TrueCamera(cfg.sim.true_camera, W, H)
+            self._maps = self.true_camera.canvas_maps(cfg.camera.px_per_mm)
 
     def _background(self, travel_mm: float) -> np.ndarray:
         # the belt moves downstream (+x in the image): the texture slice shifts left with travel
@@ -62,15 +71,29 @@ class SimCamera:
             places.append(p)
             boxes = ([(it.spec.kind, it.sprite.box)] if it.spec.is_target else []) + list(it.sprite.parts)
             for name, (x0, y0, x1, y1) in boxes:
+                if self.true_camera is not None:   # the box as the true camera sees it
+                    x0, y0, x1, y1 = self._true_box(x0 + p.x, y0 + p.y, x1 + p.x, y1 + p.y)
+                    x0, y0, x1, y1 = x0 - p.x, y0 - p.y, x1 - p.x, y1 - p.y
                 bx = (max(0.0, x0 + p.x), max(0.0, y0 + p.y), min(float(self.W), x1 + p.x), min(float(self.H), y1 + p.y))
                 if bx[2] - bx[0] > 2 and bx[3] - bx[1] > 2:
                     truth.append((name, bx))
         self.last_truth = truth   # exact labels of the last frame: for tests and dataset capture
         img = composite(self._background(travel), places, self.look)
+        if self._maps is not None:
+            img = cv2.remap(img, self._maps[0], self._maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         img = self.fast.apply(img)
         self._seq += 1
         count = int(math.floor(travel / w.mpc + 1e-9))
         return Frame(self._seq, int(round(t * 1e9)), img, count)
+
+    def _true_box(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
+        """An ideal-canvas box re-imaged by the true camera: the bounding box of its sampled outline."""
+        ppm = self.cfg.camera.px_per_mm
+        t = np.linspace(0.0, 1.0, 5)
+        xs = np.r_[x0 + (x1 - x0) * t, np.full(5, x1), x1 - (x1 - x0) * t, np.full(5, x0)]
+        ys = np.r_[np.full(5, y0), y0 + (y1 - y0) * t, np.full(5, y1), y1 - (y1 - y0) * t]
+        px = self.true_camera.belt_to_px(np.c_[xs, ys] / ppm)
+        return float(px[:, 0].min()), float(px[:, 1].min()), float(px[:, 0].max()), float(px[:, 1].max())
 
     def read(self) -> Frame:
         """Real time: wait for the next frame slot, then render the belt as it is now."""

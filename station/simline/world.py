@@ -73,7 +73,7 @@ class BeltWorld:
         self.clock = clock
         self.t0 = clock.now()
         self.speed = cfg.line.belt_speed_mm_s
-        self.mpc = cfg.line.mm_per_count
+        self.mpc = cfg.sim.true_mm_per_count or cfg.line.mm_per_count   # the encoder's true scale
         self.ppm = cfg.camera.px_per_mm
         self.view_mm = cfg.camera.width / self.ppm
         self.n_items = n_items
@@ -89,7 +89,7 @@ class BeltWorld:
         self._lock = threading.Lock()
         self._actuations: list[Actuation] = []
         self._latency_s = {d.id: cfg.sim.actuator_latency_ms.get(d.id, d.latency_ms) / 1000 for d in cfg.diverters}
-        self._div_pos = {d.id: d.position_mm for d in cfg.diverters}
+        self._div_pos = {d.id: cfg.sim.true_diverter_position_mm.get(d.id, d.position_mm) for d in cfg.diverters}
         self._div_bin = {d.id: d.bin for d in cfg.diverters}
         self.spawned = 0
 
