@@ -30,8 +30,11 @@ def _progress(prefix: str):
 def cmd_dataset_synth(a: argparse.Namespace) -> int:
     from vision.datasets import write_synth_dataset
 
+    from vision.render.synth import SynthSettings
+
     m = write_synth_dataset(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, test_n=a.test_n,
-                            workers=a.workers, progress=_progress("synth"))
+                            workers=a.workers, progress=_progress("synth"),
+                            settings=SynthSettings(line_look_p=a.line_look))
     print(json.dumps({"out": str(a.out), "fingerprint": m["fingerprint"], "n_train": m["n_train"],
                       "n_val": m["n_val"], "n_test": m["n_test"], "boxes": m["boxes"]}, indent=1))
     return 0
@@ -43,7 +46,8 @@ def cmd_model_train(a: argparse.Namespace) -> int:
     try:
         run = train(TrainRecipe(data=Path(a.data), model=a.model, imgsz=a.imgsz, epochs=a.epochs, batch=a.batch,
                                 workers=a.workers, threads=a.threads, name=a.name, resume=a.resume,
-                                project=Path(a.project)))
+                                project=Path(a.project), lr0=a.lr0, warmup_epochs=a.warmup_epochs,
+                                close_mosaic=a.close_mosaic))
     except TrainExtraMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -75,6 +79,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val-fraction", type=float, default=0.08)
     s.add_argument("--test-n", type=int, default=0, help="held-out test images (other seed, shifted settings)")
     s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--line-look", type=float, default=0.0,
+                   help="share of scenes under a station's fixed plain look (the rest fully randomised)")
     s.set_defaults(func=cmd_dataset_synth)
 
     md = sub.add_parser("model", help="train and export detectors (needs the 'train' extra)")
@@ -90,6 +96,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--name", default="kozan-det")
     t.add_argument("--project", default=str(REPO_ROOT / "runs" / "train"))
     t.add_argument("--resume", action="store_true", help="resume the run's last checkpoint")
+    t.add_argument("--lr0", type=float, default=None, help="initial learning rate (SGD); default: ultralytics' choice")
+    t.add_argument("--warmup-epochs", type=float, default=3.0, help="0 when fine-tuning trained weights")
+    t.add_argument("--close-mosaic", type=int, default=2, help="last epochs trained without mosaic")
     t.set_defaults(func=cmd_model_train)
     e = msub.add_parser("export", help="export weights to ONNX with Kozan metadata")
     e.add_argument("weights")

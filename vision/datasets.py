@@ -63,10 +63,11 @@ def write_synth_dataset(
     test_n: int = 0,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    settings: SynthSettings | None = None,
 ) -> dict:
     """Write `n` train+val images and `test_n` held-out test images (shifted settings, seed+1_000_003)."""
     out = Path(out)
-    base = SynthSettings()
+    base = settings or SynthSettings()
     jobs: list[tuple[Path, str, int, int, dict]] = []
     n_val = int(round(n * val_fraction))
     for i in range(n):

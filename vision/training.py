@@ -62,6 +62,9 @@ class TrainRecipe:
     resume: bool = False
     seed: int = 0
     patience: int = 100
+    lr0: float | None = None           # None: ultralytics' default for the optimiser it picks
+    warmup_epochs: float = 3.0         # fine-tuning from trained weights needs none
+    close_mosaic: int = 2
 
 
 def train(recipe: TrainRecipe) -> Path:
@@ -81,7 +84,8 @@ def train(recipe: TrainRecipe) -> Path:
         # top-down view of a belt: vertical flips are as real as horizontal ones; no rotation
         # augmentation (it loosens axis-aligned boxes), no hue shift (colour carries class cues
         # for cells), modest scale jitter (the camera's distance is fixed on a station).
-        fliplr=0.5, flipud=0.5, degrees=0.0, hsv_h=0.0, scale=0.3, mosaic=1.0, close_mosaic=2,
+        fliplr=0.5, flipud=0.5, degrees=0.0, hsv_h=0.0, scale=0.3, mosaic=1.0, close_mosaic=recipe.close_mosaic,
+        warmup_epochs=recipe.warmup_epochs, **({"lr0": recipe.lr0, "optimizer": "SGD"} if recipe.lr0 else {}),
     )
     return run_dir
 

@@ -33,6 +33,7 @@ class SynthSettings:
     overlap_p: float = 0.25             # chance an item is dropped onto another one
     empty_frame_p: float = 0.03
     min_visible: float = 0.35
+    line_look_p: float = 0.0            # share of scenes under a station's own fixed, plain look
     class_weights: dict[str, float] = field(default_factory=lambda: {c: 1.0 for c in TARGET_CLASSES})
 
 
@@ -56,9 +57,10 @@ def _visible_fraction(masks: list[np.ndarray], idx: int) -> float:
 def render_scene(rng: np.random.Generator, cfg: SynthSettings) -> tuple[np.ndarray, list[Label]]:
     H, W = cfg.height, cfg.width
     s = cfg.px_per_mm * float(rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
-    style = random_belt_style(rng)
+    wide = not (rng.random() < cfg.line_look_p)
+    style = random_belt_style(rng, wide=wide)
     belt = make_belt_texture(W, H, style, rng)
-    look = random_camera_look(H, W, rng)
+    look = random_camera_look(H, W, rng, wide=wide)
     n = 0 if rng.random() < cfg.empty_frame_p else int(rng.integers(cfg.items_min, cfg.items_max + 1))
     names = list(cfg.class_weights)
     w = np.asarray([cfg.class_weights[k] for k in names], float)
