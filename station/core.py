@@ -100,9 +100,15 @@ class StationCore:
         self.counters = Counters()
         self._next_command = 1
         self._command_track: dict[int, int] = {}
+        self.use_config(cfg)
+        self.recent: list[tuple[Decision, str]] = []   # newest last, bounded: for status and HMI
+
+    def use_config(self, cfg: StationConfig) -> None:
+        """Take changed rules/diverters (validated as a whole by the caller) from the next item on."""
+        self.cfg = cfg
+        self.sorter.use_config(cfg)
         self._pulse = {d.id: d.pulse_ms for d in cfg.diverters}
         self._latency = {d.id: d.latency_ms for d in cfg.diverters}
-        self.recent: list[tuple[Decision, str]] = []   # newest last, bounded: for status and HMI
 
     # ---- per frame -----------------------------------------------------------------------------
     def process(self, frame: Frame, count: int | None = None) -> FrameResult:

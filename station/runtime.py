@@ -247,10 +247,7 @@ class Station:
         # validated as a whole just above; assigning section by section would re-validate a
         # half-changed configuration (e.g. a diverter off before its rule moved to manual)
         self.cfg.__dict__.update(diverters=new.diverters, rules=new.rules)
-        sorter = self.core.sorter
-        sorter._diverter_for_bin = {d.bin: d for d in self.cfg.diverters if d.enabled}
-        self.core._pulse = {d.id: d.pulse_ms for d in self.cfg.diverters}
-        self.core._latency = {d.id: d.latency_ms for d in self.cfg.diverters}
+        self.core.use_config(self.cfg)
         log.info("settings changed: %s", sorted(changes))
         return self.cfg
 

@@ -53,8 +53,13 @@ class Sorter:
         self.names = model_names
         self.geom = geometry
         self._battery_ids = [i for i, n in enumerate(model_names) if taxonomy.by_name(n).is_battery]
-        self._diverter_for_bin = {d.bin: d for d in cfg.diverters if d.enabled}
         self.manual_next = 0  # operator: "send the next N items to manual"
+        self.use_config(cfg)
+
+    def use_config(self, cfg: StationConfig) -> None:
+        """Rules and diverters changed on a running station apply from the next decision."""
+        self.cfg = cfg
+        self._diverter_for_bin = {d.bin: d for d in cfg.diverters if d.enabled}
 
     def decide(self, tr: Track) -> Decision:
         r = self.cfg.rules
