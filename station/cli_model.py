@@ -47,12 +47,21 @@ def cmd_model_train(a: argparse.Namespace) -> int:
         run = train(TrainRecipe(data=Path(a.data), model=a.model, imgsz=a.imgsz, epochs=a.epochs, batch=a.batch,
                                 workers=a.workers, threads=a.threads, name=a.name, resume=a.resume,
                                 project=Path(a.project), lr0=a.lr0, warmup_epochs=a.warmup_epochs,
-                                close_mosaic=a.close_mosaic))
+                                close_mosaic=a.close_mosaic, hours=a.hours))
     except TrainExtraMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run}")
     return 0
+
+
+def _imgsz(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.replace("x", ",").split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or any(p <= 0 or p % 32 for p in parts):
+        raise argparse.ArgumentTypeError(f"input size {text!r}: give N or H,W, each a positive multiple of 32")
+    return parts[0], parts[1]
 
 
 def cmd_model_export(a: argparse.Namespace) -> int:
@@ -99,11 +108,14 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr0", type=float, default=None, help="initial learning rate (SGD); default: ultralytics' choice")
     t.add_argument("--warmup-epochs", type=float, default=3.0, help="0 when fine-tuning trained weights")
     t.add_argument("--close-mosaic", type=int, default=2, help="last epochs trained without mosaic")
+    t.add_argument("--hours", type=float, default=None,
+                   help="time budget in hours; the schedule is fitted to it (overrides --epochs)")
     t.set_defaults(func=cmd_model_train)
     e = msub.add_parser("export", help="export weights to ONNX with Kozan metadata")
     e.add_argument("weights")
     e.add_argument("--out", required=True)
-    e.add_argument("--imgsz", type=int, default=320)
+    e.add_argument("--imgsz", type=_imgsz, default=(320, 320),
+                   help="input size: N (square) or H,W (e.g. 256,416 for a 16:9 camera)")
     e.add_argument("--version", required=True)
     e.add_argument("--data", default=None, help="the data.yaml it was trained on (for the fingerprint)")
     e.set_defaults(func=cmd_model_export)

@@ -65,6 +65,7 @@ class TrainRecipe:
     lr0: float | None = None           # None: ultralytics' default for the optimiser it picks
     warmup_epochs: float = 3.0         # fine-tuning from trained weights needs none
     close_mosaic: int = 2
+    hours: float | None = None         # a time budget: ultralytics fits the schedule to it (overrides epochs)
 
 
 def train(recipe: TrainRecipe) -> Path:
@@ -85,23 +86,28 @@ def train(recipe: TrainRecipe) -> Path:
         # augmentation (it loosens axis-aligned boxes), no hue shift (colour carries class cues
         # for cells), modest scale jitter (the camera's distance is fixed on a station).
         fliplr=0.5, flipud=0.5, degrees=0.0, hsv_h=0.0, scale=0.3, mosaic=1.0, close_mosaic=recipe.close_mosaic,
-        warmup_epochs=recipe.warmup_epochs, **({"lr0": recipe.lr0, "optimizer": "SGD"} if recipe.lr0 else {}),
+        warmup_epochs=recipe.warmup_epochs, **({"time": recipe.hours} if recipe.hours else {}), **({"lr0": recipe.lr0, "optimizer": "SGD"} if recipe.lr0 else {}),
     )
     return run_dir
 
 
-def export_onnx(weights: Path, out: Path, imgsz: int, version: str, data_fingerprint: str) -> Path:
-    """Export to ONNX with a fixed input shape, simplified, with Kozan's metadata added."""
+def export_onnx(weights: Path, out: Path, imgsz: int | tuple[int, int], version: str, data_fingerprint: str) -> Path:
+    """Export to ONNX with a fixed input shape, simplified, with Kozan's metadata added.
+
+    `imgsz` may be (height, width): a 16:9 camera letterboxed into a square wastes 44 % of the
+    input on padding, so a rectangular input (e.g. 256x416) buys resolution at the same cost.
+    """
+    imgsz = tuple(imgsz) if isinstance(imgsz, (tuple, list)) else (imgsz, imgsz)
     ul = _offline_ultralytics(REPO_ROOT / "runs" / "ultralytics-config", 2)
     import onnx
 
     model = ul.YOLO(str(weights))
-    produced = Path(model.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=True, opset=17,
+    produced = Path(model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, opset=17,
                                  nms=False, half=False, device="cpu"))
     m = onnx.load(str(produced))
     meta = {p.key: p.value for p in m.metadata_props}
     meta.update({"kozan_version": version, "kozan_data_fingerprint": data_fingerprint,
-                 "kozan_input": json.dumps({"imgsz": imgsz, "layout": "NCHW", "color": "RGB", "scale": "1/255"})})
+                 "kozan_input": json.dumps({"imgsz": list(imgsz), "layout": "NCHW", "color": "RGB", "scale": "1/255"})})
     del m.metadata_props[:]
     for k, v in meta.items():
         p = m.metadata_props.add()
