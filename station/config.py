@@ -74,10 +74,12 @@ class RulesConfig(_Section):
         0: "manual / end of belt", 1: "Li-ion batteries", 2: "other batteries",
         3: "high-grade boards", 4: "low-grade boards",
     })
-    min_confidence: float = Field(0.55, ge=0, le=1, description="vote-weighted confidence below this goes to manual")
+    min_confidence: float = Field(0.55, ge=0, le=1, description="mean score of the winning bin over the item's views; below this it goes to manual")
     min_views: int = Field(3, ge=1, le=100, description="frames an item must be seen in before it is sorted")
     battery_guard_share: float = Field(0.15, ge=0, le=1,
                                        description="a board whose votes are this battery-like goes to manual")
+    li_ion_guard_share: float = Field(0.25, ge=0, le=1,
+                                      description="an item bound for a non-Li-ion bin whose votes are this Li-ion-like goes to manual")
     attached_overlap: float = Field(0.6, gt=0, le=1,
                                     description="a battery box this much inside a board box is attached to it")
 
@@ -102,8 +104,48 @@ class LinkConfig(_Section):
     report_interval_ms: int = Field(20, ge=1, le=1000)
 
 
+class ReportsConfig(_Section):
+    """`kozan report`: where reports go, the plant's clock and shifts, the mass/metal table."""
+    dir: str = Field("var/reports", description="default output folder (relative to the repo root)")
+    timezone: str = Field("UTC", description="IANA zone the plant's days and shifts are in, e.g. Asia/Tokyo")
+    shifts: list[str] = Field(default_factory=lambda: ["06:00", "14:00", "22:00"], min_length=1,
+                              description="shift start times (HH:MM, local); a shift ends when the next starts")
+    composition: str = Field("station/composition.yaml",
+                             description="average mass and metal content per class (relative to the repo root)")
+    chromium: str = Field("/usr/bin/chromium", description="headless Chromium that prints the PDF")
+
+    @field_validator("shifts")
+    @classmethod
+    def _hhmm(cls, v: list[str]) -> list[str]:
+        import re
+        for s in v:
+            if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]", s):
+                raise ValueError(f"shift start {s!r}: write it as HH:MM (24 h), e.g. 06:00")
+        return sorted(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as UTC, Asia/Tokyo, Europe/Berlin")
+        return v
+
+
 class RecordsConfig(_Section):
     path: str = Field("var/kozan.sqlite", description="SQLite file (relative to the repo root)")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="FULL: an acknowledged record survives power loss (WAL fsynced at each commit, at "
+                            "most 1/batch_s a second); NORMAL survives a killed process only")
+    batch_s: float = Field(0.2, gt=0, le=5, description="the writer commits at most this often; a record is "
+                                                        "acknowledged when its commit returns")
+    archive_dir: str = Field("var/archive", description="`kozan records archive` moves old rows to dated "
+                                                        "databases here; reports read them too")
+    lot_close_drain_s: float = Field(5.0, ge=0, le=120, description="closing a lot waits this long at most for "
+                                                                    "its items' diverter outcomes")
+    reports: ReportsConfig = Field(default_factory=ReportsConfig)
 
 
 class SimCameraTruth(_Section):
@@ -181,6 +223,27 @@ class HmiConfig(_Section):
         return self
 
 
+class CaptureConfig(_Section):
+    """Dataset capture on the line: frames that teach the model most, written off the loop."""
+    enabled: bool = Field(False, description="save frames + pre-labels + metadata while the line runs")
+    dir: str = Field("datasets/collected", description="where captures go (relative to the repo root)")
+    low_confidence: float = Field(0.6, ge=0, le=1, description="capture an item whose vote-weighted "
+                                                                "confidence is below this")
+    disagreement: float = Field(0.25, ge=0, le=1, description="capture an item whose runner-up class holds "
+                                                               "at least this share of its votes")
+    manual: bool = Field(True, description="capture items that ended in the manual path")
+    random_rate: float = Field(0.02, ge=0, le=1, description="share of all other decided items captured at random")
+    max_per_min: float = Field(20.0, gt=0, le=6000, description="rate limit, captures per minute of line time "
+                                                                 "(operator flags are exempt)")
+    quota_mb: float = Field(2000.0, gt=0, description="capture stops (with an alarm) when its folder holds this much")
+    min_free_mb: float = Field(1000.0, ge=0, description="capture stops (with an alarm) when the disk has less free")
+    queue: int = Field(8, ge=1, le=256, description="frames waiting for the writer; a full queue drops and counts")
+    jpeg_quality: int = Field(92, ge=50, le=100)
+    flag_window: int = Field(12, ge=0, le=100, description="recent items whose frame is kept for an operator's "
+                                                            "wrong-bin flag (the HMI lists 12)")
+    seed: int = Field(0, description="random sample seed (deterministic sims)")
+
+
 class StationConfig(_Section):
     line: LineConfig = Field(default_factory=LineConfig)
     camera: CameraConfig = Field(default_factory=CameraConfig)
@@ -193,6 +256,7 @@ class StationConfig(_Section):
     sim: SimConfig = Field(default_factory=SimConfig)
     hmi: HmiConfig = Field(default_factory=HmiConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
 
     @field_validator("diverters")
     @classmethod

@@ -10,6 +10,8 @@ import enum
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from calibration.geometry import BeltGeometry
 from station.config import MANUAL_BIN, StationConfig
 from vision.taxonomy import Taxonomy
@@ -25,6 +27,7 @@ class Reason(str, enum.Enum):
     FEW_VIEWS = "few_views"
     BATTERY_ON_BOARD = "battery_on_board"
     BATTERY_LIKE = "battery_like"          # a board whose votes look partly like a battery
+    LI_ION_LIKE = "li_ion_like"            # bound for a non-Li-ion bin, but its votes look partly Li-ion
     LATE_DETECTION = "late_detection"      # first seen past the decision line
     DIVERTER_DISABLED = "diverter_disabled"
     OPERATOR_OVERRIDE = "operator_override"
@@ -53,6 +56,7 @@ class Sorter:
         self.names = model_names
         self.geom = geometry
         self._battery_ids = [i for i, n in enumerate(model_names) if taxonomy.by_name(n).is_battery]
+        self._li_ion_ids = [i for i, n in enumerate(model_names) if taxonomy.by_name(n).is_li_ion]
         self.manual_next = 0  # operator: "send the next N items to manual"
         self.use_config(cfg)
 
@@ -60,12 +64,28 @@ class Sorter:
         """Rules and diverters changed on a running station apply from the next decision."""
         self.cfg = cfg
         self._diverter_for_bin = {d.bin: d for d in cfg.diverters if d.enabled}
+        self._bin_of_id = np.array([cfg.rules.class_to_bin.get(n, MANUAL_BIN) for n in self.names], np.int64)
+
+    def _bin_vote(self, tr: Track) -> tuple[str, float]:
+        """The class to act on and the confidence that its *bin* is right.
+
+        The line sorts into bins, not classes: an alkaline cell scored 0.35 alkaline and 0.3
+        NiMH over its views is, with 0.65, certainly an "other batteries" item, while the
+        class-level mean (0.35) would send it to manual. So votes are summed per bin, the
+        winning bin's mean score over the item's views is the confidence, and the class
+        recorded is the strongest class inside that bin.
+        """
+        if tr.votes.sum() <= 0:
+            return "unknown", 0.0
+        per_bin = np.bincount(self._bin_of_id, weights=tr.votes)
+        b = int(np.argmax(per_bin))
+        in_bin = np.where(self._bin_of_id == b, tr.votes, -1.0)
+        return self.names[int(np.argmax(in_bin))], float(per_bin[b] / max(tr.hits, 1))
 
     def decide(self, tr: Track) -> Decision:
         r = self.cfg.rules
         votes = {self.names[i]: round(float(v), 3) for i, v in enumerate(tr.votes) if v > 0}
-        best = self.names[tr.best_class] if tr.votes.sum() > 0 else "unknown"
-        conf = tr.confidence
+        best, conf = self._bin_vote(tr)
         info = self.tax.by_name(best) if best != "unknown" else None
 
         def manual(reason: Reason) -> Decision:
@@ -83,6 +103,9 @@ class Sorter:
                 return manual(Reason.BATTERY_ON_BOARD)
             if tr.vote_share(self._battery_ids) >= r.battery_guard_share:
                 return manual(Reason.BATTERY_LIKE)
+        # Li-ion in any other bin is a fire in the next machine: the same guard as for boards
+        if info is not None and not info.is_li_ion and tr.vote_share(self._li_ion_ids) >= r.li_ion_guard_share:
+            return manual(Reason.LI_ION_LIKE)
         if conf < r.min_confidence:
             return manual(Reason.LOW_CONFIDENCE)
         b = r.class_to_bin.get(best, MANUAL_BIN)

@@ -29,6 +29,10 @@ class ClassInfo:
         return self.group in BATTERY_GROUPS
 
     @property
+    def is_li_ion(self) -> bool:
+        return self.group == "li_ion"
+
+    @property
     def is_board(self) -> bool:
         return self.group == "board"
 

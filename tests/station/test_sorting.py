@@ -46,8 +46,25 @@ def test_board_that_looks_partly_like_a_battery_goes_to_manual(sorter):
 
 
 def test_uncertain_item_goes_to_manual(sorter):
-    d = sorter.decide(track({"alkaline": 3.0, "nimh": 2.5}))
+    d = sorter.decide(track({"board_high": 3.0, "board_low": 2.5}))
     assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
+
+
+def test_votes_split_inside_one_bin_still_sort(sorter):
+    # 0.3 alkaline + 0.25 NiMH + 0.1 coin: no class is sure, but the bin ("other batteries") is
+    d = sorter.decide(track({"alkaline": 3.0, "nimh": 2.5, "coin_cell": 1.0}))
+    assert d.bin == 2 and d.reason == Reason.RULE and d.class_name == "alkaline"
+    assert d.confidence == pytest.approx(0.65)
+
+
+def test_votes_split_across_bins_go_to_manual(sorter):
+    d = sorter.decide(track({"li_ion_cell": 4.0, "alkaline": 3.5}))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
+
+
+def test_partly_li_ion_item_never_goes_to_another_battery_bin(sorter):
+    d = sorter.decide(track({"alkaline": 6.0, "nimh": 1.0, "li_ion_cell": 3.0}))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LI_ION_LIKE
 
 
 def test_too_few_views(sorter):
