@@ -119,3 +119,4 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--version", required=True)
     e.add_argument("--data", default=None, help="the data.yaml it was trained on (for the fingerprint)")
     e.set_defaults(func=cmd_model_export)
+    __import__("station.cli_loop").cli_loop.add_loop_commands(sub)   # capture -> data -> registry (issue 7)

@@ -102,6 +102,9 @@ class StationCore:
         self._command_track: dict[int, int] = {}
         self.use_config(cfg)
         self.recent: list[tuple[Decision, str]] = []   # newest last, bounded: for status and HMI
+        self.capture: Any = None            # station.capture.Capture when capture is on; called after each frame
+        self._pending: tuple[DetectorLike, str, float] | None = None   # a validated model waiting for the next frame
+        self.swaps: list[dict[str, Any]] = []
 
     def use_config(self, cfg: StationConfig) -> None:
         """Take changed rules/diverters (validated as a whole by the caller) from the next item on."""
@@ -116,6 +119,8 @@ class StationCore:
         c = frame.belt_count if frame.belt_count is not None else count
         if c is None:
             raise ValueError("frame has no belt position: pass the count from the belt clock")
+        if self._pending is not None:
+            self._switch_detector()
         det = self.detector(frame.image)
         t = frame.t_ns / 1e9
         seen = self.tracker.update(det, c, t, frame.image.shape[1])
@@ -131,7 +136,33 @@ class StationCore:
             else:
                 self.counters.lost_tracks += 1     # flicker: a few frames of something, never an item
         self.counters.frames += 1
-        return FrameResult(frame, det, c, seen, decisions)
+        res = FrameResult(frame, det, c, seen, decisions)
+        if self.capture is not None and decisions:
+            self.capture.on_frame(res, {d.track_id: o for d, o in self.recent[-len(decisions):]})
+        return res
+
+    # ---- hot-swap: a validated model takes over between two frames ------------------------------
+    def offer_detector(self, detector: DetectorLike, version: str) -> None:
+        """Any thread: `detector` (loaded and validated elsewhere) runs from the next frame on.
+
+        Its classes must be the running model's, in the same order: the tracks in flight carry
+        votes indexed by class id, and they go on across the switch.
+        """
+        if tuple(detector.names) != tuple(self.detector.names):
+            raise ValueError(f"model {version} detects {list(detector.names)}, the running model "
+                             f"{list(self.detector.names)}: a switch would scramble the tracks' votes")
+        self._pending = (detector, version, self.clock())
+
+    def _switch_detector(self) -> None:
+        det, version, offered = self._pending  # type: ignore[misc]
+        self._pending = None
+        old = self.model_version
+        self.detector = det
+        self.model_version = version
+        self.swaps.append({"from": old, "to": version, "offered_s": offered, "switched_s": self.clock(),
+                           "frame": self.counters.frames, "tracks_in_flight": len(self.tracker.tracks)})
+        log.info("model switched %s -> %s between frames %d and %d (%d tracks in flight)", old, version,
+                 self.counters.frames - 1, self.counters.frames, len(self.tracker.tracks))
 
     def _act(self, tr: Track, frame: Frame, frame_count: int) -> Decision:
         d = self.sorter.decide(tr)

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from station.alarms import AlarmBoard, Severity
@@ -93,6 +94,7 @@ class Station:
         self.world = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._configured_model = cfg.detector.model
         self.detector = build_detector(cfg)
         if cfg.camera.source == "sim":
             from station.simline.camera import SimCamera
@@ -115,6 +117,13 @@ class Station:
                                 counts_per_s=lambda: bc.counts_per_s if bc.ready else cps_cfg,
                                 model_version=self.detector.info.version, alarms=self.alarms)
         self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
+        from station.capture import open_capture
+
+        self.capture = open_capture(cfg, tuple(self.detector.names), self.alarms, lambda: self.core.model_version)
+        self.core.capture = self.capture
+        self.swap_log: list[dict[str, Any]] = []      # every hot-swap attempt, refused ones included
+        self._swap_lock = threading.Lock()
+        self._swapping: threading.Thread | None = None
 
     # ---- threads -------------------------------------------------------------------------------
     def _capture(self) -> None:
@@ -161,11 +170,102 @@ class Station:
                 except Exception:
                     log.exception("frame hook failed (ignored: the line goes on)")
 
+    # ---- hot-swap -------------------------------------------------------------------------------
+    def swap_model(self, path: str | Path, version: str | None = None) -> threading.Thread:
+        """Load `path` in the background, validate it, and switch to it between two frames.
+
+        The belt keeps running and the tracks in flight keep their votes. A model that does not
+        load, has no fixed 3-channel input, names classes the rules do not know or other classes
+        than the running model is refused with an alarm; the running model stays. Returns the
+        loader thread (join it to wait); the outcome is appended to `swap_log`.
+        """
+        with self._swap_lock:
+            if self._swapping is not None and self._swapping.is_alive():
+                raise RuntimeError("a model is being loaded already; wait for it to finish")
+            t = threading.Thread(target=self._load_and_offer, args=(Path(path), version), name="model-swap",
+                                 daemon=True)
+            self._swapping = t
+        t.start()
+        return t
+
+    def _load_and_offer(self, path: Path, version: str | None) -> None:
+        from vision.detector import ModelError
+        from vision.registry import load_for_station
+
+        t0 = time.monotonic()
+        frames0, dropped0 = self.core.counters.frames, self.mailbox.dropped
+        rec: dict[str, Any] = {"path": str(path), "from": self.core.model_version}
+        d = self.cfg.detector
+        try:
+            det = load_for_station(path, tuple(self.detector.names), tuple(load_taxonomy().names),
+                                   (self.cfg.camera.height, self.cfg.camera.width), conf_threshold=d.conf_threshold,
+                                   iou_threshold=d.iou_threshold, threads=d.intra_op_threads,
+                                   max_detections=d.max_detections)
+            rec["load_s"] = round(time.monotonic() - t0, 3)
+            v = version or det.info.version
+            n_swaps = len(self.core.swaps)
+            self.core.offer_detector(det, v)
+            while len(self.core.swaps) == n_swaps and not self._stop.is_set() and time.monotonic() - t0 < 30:
+                time.sleep(0.002)
+            self.detector = det
+            rec.update(ok=True, to=v, total_s=round(time.monotonic() - t0, 3),
+                       frames_during=self.core.counters.frames - frames0,
+                       dropped_during=self.mailbox.dropped - dropped0,
+                       switch=self.core.swaps[-1] if len(self.core.swaps) > n_swaps else None)
+            self.alarms.raise_("model_swapped", Severity.INFO, f"now detecting with {v} (was {rec['from']}); "
+                               f"loaded in {rec['load_s']:.2f} s without stopping the belt")
+            log.info("hot-swap to %s: %s", v, rec)
+        except (ModelError, ValueError) as e:
+            rec.update(ok=False, error=str(e), load_s=round(time.monotonic() - t0, 3))
+            self.alarms.raise_("model_refused", Severity.WARNING, f"model not switched, {rec['from']} keeps "
+                                                                  f"running: {e}")
+            log.error("hot-swap refused: %s", e)
+        except Exception as e:   # a bug here must not touch the running model either
+            rec.update(ok=False, error=f"{type(e).__name__}: {e}")
+            self.alarms.raise_("model_refused", Severity.WARNING, f"model not switched ({e}); "
+                                                                  f"{rec['from']} keeps running")
+            log.exception("hot-swap failed")
+        self.swap_log.append(rec)
+
+    def _watch_registry(self) -> None:
+        """With `detector.model` naming the registry's active.onnx: a promotion or rollback hot-swaps."""
+        from vision.registry import ACTIVE_FILE, LEGACY, Registry, RegistryError
+
+        configured = self.cfg.resolve(self._configured_model)
+        if configured.name != LEGACY:
+            return
+        pointer = configured.parent / ACTIVE_FILE
+        seen = pointer.stat().st_mtime_ns if pointer.exists() else None
+        while not self._stop.wait(1.0):
+            now = pointer.stat().st_mtime_ns if pointer.exists() else None
+            if now == seen:
+                continue
+            seen = now
+            try:
+                reg = Registry(configured.parent)
+                path, version = reg.active_path(), reg.active_version()
+            except RegistryError as e:
+                self.alarms.raise_("model_refused", Severity.WARNING, f"registry: {e}")
+                continue
+            if version != self.core.model_version:
+                log.info("registry: active model is now %s: hot-swapping", version)
+                try:
+                    self.swap_model(path, version).join()
+                except RuntimeError as e:
+                    log.warning("registry change not applied yet: %s", e)
+                    seen = None
+
+    def flag_wrong_bin(self, track_id: int, note: str = "") -> str:
+        """Operator: item `track_id` went to the wrong bin. Captures its frame for relabelling."""
+        if self.capture is None:
+            raise RuntimeError("dataset capture is off (capture.enabled: false): the flag is audited, no frame saved")
+        return self.capture.flag_wrong_bin(track_id, note)
+
     def start(self) -> None:
         self.records.start_run("sim-realtime" if self.world is not None else "line",
                                self.detector.info.version, self.cfg.model_dump(mode="json"))
         self.state.start()
-        for name, fn in (("capture", self._capture), ("loop", self._loop)):
+        for name, fn in (("capture", self._capture), ("loop", self._loop), ("registry-watch", self._watch_registry)):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -175,6 +275,8 @@ class Station:
         for t in self._threads:
             t.join(timeout=3)
         self.state.stop()
+        if self.capture is not None:
+            self.capture.close()
         try:
             self.records.end_run(self.core.counters.as_dict())
         finally:

@@ -29,8 +29,16 @@ log = logging.getLogger(__name__)
 
 def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_path: str | Path | None = None,
              detector: Any = None, progress: Any = None, max_line_s: float | None = None,
-             oracle: bool = False) -> dict[str, Any]:
-    """Run `n_items` through the simulated line in virtual time; returns the judged report."""
+             oracle: bool = False, look_seed: int | None = None, capture_dir: str | Path | None = None,
+             on_frame: Any = None) -> dict[str, Any]:
+    """Run `n_items` through the simulated line in virtual time; returns the judged report.
+
+    `look_seed` fixes the camera's look (belt, light, lens) apart from the items' seed: one
+    station sees many item streams under the same look. With `capture.enabled` (or a
+    `capture_dir`) frames are captured as on a real line, with the simulator's ground truth in
+    each capture's metadata (`sim_truth`: the labeller's answer key). `on_frame(k, core)` runs
+    after each frame (tests: hot-swap a model mid-run).
+    """
     if cfg.camera.source != "sim" or cfg.link.port != "sim":
         raise ValueError("the fast simulation needs camera.source=sim and link.port=sim")
     wall0 = time.monotonic()
@@ -40,7 +48,7 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     cfg.link.watchdog_ms = max(cfg.link.watchdog_ms, 5000)
     clock = VirtualClock(0.0)
     world = BeltWorld(cfg, clock, n_items=n_items, seed=seed)
-    camera = SimCamera(cfg, world, clock, seed=seed)
+    camera = SimCamera(cfg, world, clock, seed=seed if look_seed is None else look_seed)
     if oracle:
         from station.simline.oracle import OracleDetector
         det = OracleDetector(camera)
@@ -60,6 +68,15 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
     core = StationCore(station_cfg, det, link, records, load_taxonomy(), geometry_from_config(station_cfg), clock.now,
                        counts_per_s=lambda: cps, model_version=det.info.version, alarms=AlarmBoard(clock.now))
+    capture = None
+    if capture_dir is not None or cfg.capture.enabled:
+        from station.capture import open_capture
+
+        cfg.capture.enabled = True
+        capture = open_capture(cfg, tuple(det.names), core.alarms, lambda: core.model_version,
+                               truth=lambda: camera.last_truth,
+                               root=Path(capture_dir) if capture_dir is not None else None)
+        core.capture = capture
     records.start_run("sim-fast", det.info.version, cfg.model_dump(mode="json"))
     period = 1.0 / cfg.camera.fps
     k = 0
@@ -78,6 +95,8 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
                 raise RuntimeError("diverter link: commands unanswered for 5 s (wall time)")
             core.handle_link_events()
             world.settle()
+            if on_frame is not None:
+                on_frame(k, core)
             k += 1
             if progress and k % 300 == 0:
                 progress(world, core)
@@ -88,6 +107,8 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
         records.end_run(core.counters.as_dict())
         health = link.health()
     finally:
+        if capture is not None:
+            capture.close()
         bundle.close()
         records.close()
         if tmp is not None:
@@ -97,11 +118,15 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     rep.update({
         "missed": core.counters.missed,
         "frames": core.counters.frames,
+        "frames_rendered": k,
         "dropped_frames": 0,
         "line_s": round(k * period, 2),
         "wall_s": round(wall, 2),
         "speedup": round(k * period / wall, 2) if wall > 0 else None,
         "model_version": det.info.version,
+        "model_versions": sorted({det.info.version, *(s_["to"] for s_ in core.swaps)}),
+        "swaps": core.swaps,
+        "capture": capture.stats.as_dict() if capture is not None else None,
         "seed": cfg.sim.seed if seed is None else seed,
         "belt_speed_mm_s": cfg.line.belt_speed_mm_s,
         "station": core.counters.as_dict(),

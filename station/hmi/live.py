@@ -42,6 +42,7 @@ class LiveMonitor:
         self._last_low_conf_item: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.flagged: set[int] = set()      # items an operator flagged as in the wrong bin
         self.tick()
 
     def start(self) -> None:
@@ -120,7 +121,8 @@ class LiveMonitor:
         for d, outcome in reversed(recent[-12:]):
             items.append({"track_id": d.track_id, "class": d.class_name, "confidence": round(d.confidence, 2),
                           "bin": MANUAL_BIN if outcome == "missed" else d.bin, "reason": d.reason.value,
-                          "outcome": outcome, "thumb": self.preview.thumb(d.track_id) is not None})
+                          "outcome": outcome, "thumb": self.preview.thumb(d.track_id) is not None,
+                          "flagged": d.track_id in self.flagged})
         health = st.link.health() if hasattr(st.link, "health") else {}
         rtt = health.get("rtt_ms")
         elapsed = now - self._shift_start_mono

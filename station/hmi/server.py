@@ -190,6 +190,22 @@ class Hmi:
             hmi.live.tick()
             return {"manual_next": pending}
 
+        @app.post("/api/items/{track_id}/wrong-bin")
+        def wrong_bin(track_id: int, request: Request, note: str = Body("", embed=True)) -> dict[str, Any]:
+            """The operator saw this item land in the wrong bin: its frame goes to the dataset."""
+            try:
+                name = st.flag_wrong_bin(track_id, note)
+            except KeyError as e:
+                hmi.audit.write("operator", "wrong_bin", False, client(request), track_id=track_id, error=str(e))
+                raise HTTPException(404, str(e.args[0])) from None
+            except (RuntimeError, AttributeError) as e:
+                hmi.audit.write("operator", "wrong_bin", False, client(request), track_id=track_id, error=str(e))
+                raise HTTPException(409, str(e)) from None
+            hmi.audit.write("operator", "wrong_bin", True, client(request), track_id=track_id, capture=name)
+            hmi.live.flagged.add(track_id)
+            hmi.live.tick()
+            return {"track_id": track_id, "capture": name}
+
         @app.post("/api/alarms/{alarm_id}/ack")
         def ack(alarm_id: int, request: Request) -> dict[str, Any]:
             ok = any(a.id == alarm_id for a in st.alarms.active()) and st.alarms.acknowledge(alarm_id)

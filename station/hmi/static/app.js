@@ -129,7 +129,12 @@ function render(s) {
     const tx = el("div", "item-txt");
     tx.append(el("div", "item-bin", `B${it.bin} · #${it.track_id}`), el("div", "", `${className(it.class)} ${Math.round(it.confidence * 100)}%`));
     const why = it.outcome === "missed" ? t("outcome.missed") : t(`reason.${it.reason}`);
-    tx.append(el("div", "", why)); li.append(tx); rc.append(li);
+    tx.append(el("div", "", why)); li.append(tx);
+    // operator: "this one went to the wrong bin" -> its frame is captured for relabelling
+    const wb = el("button", `btn btn-flag${it.flagged ? " flagged" : ""}`, `⚑ ${t("btn.wrong_bin")}`);
+    wb.setAttribute("data-testid", `wrong-bin-${it.track_id}`); wb.disabled = !!it.flagged;
+    wb.onclick = async () => { const r = await act(`/api/items/${it.track_id}/wrong-bin`, { note: "" }); if (r) toast(t("recent.flagged", { id: it.track_id }), true); };
+    li.append(wb); rc.append(li);
   }
   $("manual-pending").textContent = s.manual_next > 0 ? t("manual_pending", { n: s.manual_next }) : "";
   loadPreview(s.preview_seq);

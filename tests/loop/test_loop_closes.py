@@ -1,0 +1,219 @@
+"""The loop closes: line → capture → labels → fine-tune → gate → hot-swap → a better line.
+
+At CI scale, on the simulated line in virtual time:
+  1. the station runs the shipped model on a stream of items under one station's look and
+     captures what the model was unsure of (and a random sample);
+  2. a labeller corrects the pre-labels — here from the simulator's ground truth, through the
+     same CVAT export/import a person would use;
+  3. the shipped model's weights are fine-tuned briefly on the corrected frames (ultralytics);
+  4. the result is exported, carded in a registry, and promoted through the gate (golden set:
+     held-out captured frames, per-class AP50 against the active model);
+  5. a new stream of items (never seen in training) runs twice under the same look: once with
+     the old model, once hot-swapping to the promoted model in the background as the run starts.
+Purity and recovery of both runs are printed; the promoted model must do better.
+
+Why the shipped model is the weak one: det-v1 was trained only on randomised synthetic scenes,
+and on this line's look it recovers well under half the items it should (see the integration
+test's floor). That domain gap is exactly what a station's own frames close, so the test needs
+no artificial handicap. Run `python -m tests.loop.test_loop_closes --items 200 --epochs 10` for
+a larger experiment than CI's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LOOK = 3          # one station's camera look (belt, light, lens), the same in every run
+COLLECT_SEED, EVAL_SEED = 101, 202
+
+
+def label_from_truth(exported_zip: Path, collected: Path, out_zip: Path) -> int:
+    """The labeller: open the CVAT export, replace each frame's boxes with the true ones, save."""
+    from vision.dataset_tools import captures
+    from vision.taxonomy import load_taxonomy
+
+    names = load_taxonomy().names
+    truth = {c["name"]: c["meta"] for c in captures(collected)}
+    n = 0
+    with zipfile.ZipFile(exported_zip) as zin, zipfile.ZipFile(out_zip, "w") as zout:
+        for f in zin.namelist():
+            data = zin.read(f)
+            stem = Path(f).stem
+            if f.startswith("obj_train_data/") and f.endswith(".txt") and stem in truth:
+                m = truth[stem]
+                W, H = m["width"], m["height"]
+                rows = [f"{names.index(c)} {(x0 + x1) / 2 / W:.6f} {(y0 + y1) / 2 / H:.6f} "
+                        f"{(x1 - x0) / W:.6f} {(y1 - y0) / H:.6f}\n" for c, x0, y0, x1, y1 in m["sim_truth"]]
+                data = "".join(rows).encode()
+                n += 1
+            zout.writestr(f, data)
+    return n
+
+
+class BackgroundSwap:
+    """Hot-swap during a run: at frame `at`, load + validate the model in a thread, offer it to the core."""
+
+    def __init__(self, path: Path, version: str, at: int = 1):
+        self.path, self.version, self.at = path, version, at
+        self.rec: dict[str, Any] = {}
+
+    def _load(self, core: Any) -> None:
+        from vision.registry import load_for_station
+        from vision.taxonomy import load_taxonomy
+
+        t0 = time.perf_counter()
+        f0 = core.counters.frames
+        det = load_for_station(self.path, tuple(core.detector.names), tuple(load_taxonomy().names), (720, 1280))
+        self.rec.update(load_s=round(time.perf_counter() - t0, 3), frames_while_loading=core.counters.frames - f0)
+        core.offer_detector(det, self.version)
+
+    def __call__(self, k: int, core: Any) -> None:
+        if k == self.at:
+            self.thread = threading.Thread(target=self._load, args=(core,), daemon=True)
+            self.thread.start()
+
+
+def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, imgsz: int = 320,
+                   tolerance: float = 0.10, log=print) -> dict[str, Any]:
+    from station.cli_loop import golden_fingerprint, golden_metrics
+    from station.config import StationConfig
+    from station.simrun import run_fast
+    from vision import dataset_tools as dt
+    from vision.registry import Registry, check_promotion
+    from vision.taxonomy import load_taxonomy
+    from vision.training import TrainRecipe, export_onnx, train
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(what: str, t0: float) -> None:
+        timings[what] = round(time.perf_counter() - t0, 1)
+        log(f"[loop] {what}: {timings[what]} s")
+
+    models = work / "models"
+    models.mkdir(parents=True)
+    for ext in (".onnx", ".pt"):
+        shutil.copy2(REPO / "models" / f"active{ext}", models / f"active{ext}")
+    reg = Registry(models)
+    base = reg.active_version()
+    reg.set_active(base, "the shipped model")                       # adopt it: models/<base>.onnx + .pt + card
+    cfg = StationConfig()
+    cfg.detector.model = str(models / "active.onnx")                # the pointer: follows promotions
+    cfg.capture.random_rate = 0.5                                   # CI scale: a big sample of the rest too
+    cfg.capture.max_per_min = 600
+
+    # 1. the line with the shipped model, capturing
+    t0 = time.perf_counter()
+    collected = work / "collected"
+    rep_c = run_fast(cfg, n_collect, seed=COLLECT_SEED, look_seed=LOOK, capture_dir=collected)
+    lap("collect run", t0)
+    cap = rep_c["capture"]
+    line_h = rep_c["line_s"] / 3600
+    stats = dt.stats(collected)
+    disk_mb = sum(p.stat().st_size for p in collected.rglob("*") if p.is_file()) / 1e6
+
+    # 2. label: CVAT export -> corrected from the simulator's truth -> import
+    t0 = time.perf_counter()
+    exported, fixed = work / "cvat.zip", work / "cvat-fixed.zip"
+    dt.export_cvat(collected, exported)
+    n_fixed = label_from_truth(exported, collected, fixed)
+    imported = dt.import_labels(collected, fixed)
+    assert imported["imported"] == n_fixed == stats["frames"]
+    dedup = dt.dedupe(collected)
+    # 3. data: collected frames only (the line's look); the test split, never trained or selected on,
+    #    is the golden set (CI scale: a dozen frames, hence the gate's wider AP50 tolerance below)
+    split = dt.split(collected, val=0.2, test=0.25, seed=0, only_human=True)
+    golden = collected / "data.yaml"
+    merged = dt.merge([collected], work / "train-set")
+    lap("label + split", t0)
+
+    # 4. fine-tune the active model's weights briefly, export, card
+    t0 = time.perf_counter()
+    run = train(TrainRecipe(data=work / "train-set" / "data.yaml", model=str(reg.entry(base).pt), imgsz=imgsz,
+                            epochs=epochs, batch=8, workers=0, threads=2, name="ft", project=work / "runs",
+                            warmup_epochs=0.0, close_mosaic=epochs, lr0=0.005, patience=epochs))
+    lap("fine-tune", t0)
+    t0 = time.perf_counter()
+    cand = f"{base}-line1"
+    export_onnx(run / "weights" / "best.pt", work / "export" / f"{cand}.onnx", (imgsz, imgsz), cand,
+                merged["fingerprint"])
+    reg.register(work / "export" / f"{cand}.onnx", cand, parent=base, data_fingerprint=merged["fingerprint"],
+                 data=str(work / "train-set" / "data.yaml"))
+    lap("export + register", t0)
+
+    # 5. the gate, then promotion
+    t0 = time.perf_counter()
+    rules = sorted(n for n, b in cfg.rules.class_to_bin.items() if b != 0)
+    gate = check_promotion(reg, cand, rules, tuple(load_taxonomy().names), golden_fingerprint(golden), tolerance,
+                           latency_budget_ms=1000.0, evaluate=lambda p: golden_metrics(p, golden))
+    log(gate.explain())
+    lap("gate", t0)
+    if gate.ok:
+        reg.set_active(cand, "promoted by the loop test")
+
+    # 6. new items, same look: the old model, then the promoted one hot-swapped in as the run starts
+    t0 = time.perf_counter()
+    cfg_old = cfg.model_copy(deep=True)
+    cfg_old.detector.model = str(models / f"{base}.onnx")
+    before = run_fast(cfg_old, n_eval, seed=EVAL_SEED, look_seed=LOOK)
+    lap("before run", t0)
+    t0 = time.perf_counter()
+    swap = BackgroundSwap(reg.active_path(), reg.active_version())
+    after = run_fast(cfg_old, n_eval, seed=EVAL_SEED, look_seed=LOOK, on_frame=swap)
+    swap.thread.join(30)
+    lap("after run (hot-swap)", t0)
+    sw = after["swaps"][0] if after["swaps"] else None
+
+    out = {
+        "base": base, "candidate": cand, "promoted": gate.ok, "gate": gate.details, "refusals": gate.refusals,
+        "before": {k: before[k] for k in ("purity", "recovery", "items", "missed")},
+        "after": {k: after[k] for k in ("purity", "recovery", "items", "missed")},
+        "per_bin_before": {b: (v["purity"], v["recovery"]) for b, v in before["per_bin"].items()},
+        "per_bin_after": {b: (v["purity"], v["recovery"]) for b, v in after["per_bin"].items()},
+        "capture": {**cap, "line_s": rep_c["line_s"], "frames_per_line_hour": round(cap["written"] / line_h),
+                    "mb_per_line_hour": round(disk_mb / line_h, 1), "per_reason": stats["per_reason"],
+                    "duplicates_removed": dedup["duplicates"]},
+        "data": {"split": split, "train": merged["n_train"], "val": merged["n_val"]},
+        "hot_swap": {**swap.rec, "switched_at_frame": sw and sw["frame"],
+                     "tracks_in_flight": sw and sw["tracks_in_flight"],
+                     "frames_rendered": after["frames_rendered"], "frames_processed": after["frames"],
+                     "frames_missed": after["frames_rendered"] - after["frames"]},
+        "timings_s": {**timings, "total": round(time.perf_counter() - t_start, 1)},
+    }
+    log("[loop] " + json.dumps(out, indent=1, default=str))
+    return out
+
+
+@pytest.mark.slow
+def test_the_loop_closes(tmp_path):
+    pytest.importorskip("ultralytics", reason="the loop test fine-tunes: it needs the 'train' extra (make test installs it)")
+    r = close_the_loop(tmp_path, n_collect=50, n_eval=40, epochs=6)
+    print(f"\nbefore: purity {r['before']['purity']} recovery {r['before']['recovery']}   "
+          f"after: purity {r['after']['purity']} recovery {r['after']['recovery']}   "
+          f"(items {r['after']['items']}; hot-swap {r['hot_swap']})")
+    assert r["promoted"], r["refusals"]
+    assert r["hot_swap"]["frames_missed"] == 0 and r["hot_swap"]["switched_at_frame"] is not None
+    assert r["after"]["recovery"] > r["before"]["recovery"]
+    assert r["after"]["purity"] >= r["before"]["purity"] - 0.02
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=50)
+    ap.add_argument("--eval-items", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--work", default=None)
+    a = ap.parse_args()
+    import tempfile
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="kozan-loop-"))
+    close_the_loop(work, a.items, a.eval_items, a.epochs)

@@ -1,0 +1,360 @@
+"""The model registry in `models/`: versions, model cards, the active pointer, the promotion gate.
+
+Layout (every file beside the others in one folder):
+
+    models/<version>.onnx         the exported detector (fixed input, Kozan metadata)
+    models/<version>.pt           its ultralytics weights: what `kozan model train --from <version>` starts from
+    models/<version>.card.json    model card: parent, data fingerprint, golden-set metrics, latency, notes
+    models/ACTIVE.json            the pointer: {"version": ..., "history": [older active versions, newest last]}
+    models/active.onnx (+ .pt)    the legacy single-model layout (det-v1): still what runs while ACTIVE.json
+                                  does not exist; the first promotion copies it in as its own version
+
+`detector.model: models/active.onnx` (the default) keeps working: with an ACTIVE.json beside it,
+it means "the registry's active version"; any other path is taken literally.
+
+The gate (`check_promotion`) refuses a candidate, saying exactly why, when it does not load or has
+no fixed input, names classes the sorting rules do not know (or lacks classes they sort on), loses
+more than a tolerance of AP50 on any class of the golden set against the active model, or is slower
+than the latency budget. onnxruntime is all this module needs; golden-set metrics come from an
+evaluator (ultralytics, in the training path) and are kept in the cards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ACTIVE_FILE = "ACTIVE.json"
+LEGACY = "active.onnx"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done; the message says why and what to do."""
+
+
+def file_sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(p: Path, data: Any) -> None:
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, p)
+
+
+def resolve_model_path(path: Path) -> Path:
+    """`.../active.onnx` with an ACTIVE.json beside it -> the active version's file; else `path`."""
+    path = Path(path)
+    if path.name == LEGACY and (path.parent / ACTIVE_FILE).exists():
+        return Registry(path.parent).active_path()
+    return path
+
+
+@dataclass
+class ModelEntry:
+    version: str
+    onnx: Path
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pt(self) -> Path:
+        return self.onnx.with_suffix(".pt")
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # ---- reading ------------------------------------------------------------------------------
+    def _pointer(self) -> dict[str, Any] | None:
+        p = self.root / ACTIVE_FILE
+        if not p.exists():
+            return None
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise RegistryError(f"{p} is not valid JSON ({e}); fix it or `kozan model rollback`") from None
+        if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+            raise RegistryError(f"{p}: expected {{\"version\": ..., \"history\": [...]}}")
+        return data
+
+    def card_path(self, version: str) -> Path:
+        return self.root / f"{version}.card.json"
+
+    def card(self, version: str) -> dict[str, Any]:
+        p = self.card_path(version)
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def legacy_version(self) -> str | None:
+        """The version named in models/active.onnx's metadata, when the legacy file is there."""
+        p = self.root / LEGACY
+        if not p.exists():
+            return None
+        from vision.detector import model_card_meta
+
+        return model_card_meta(p)["version"]
+
+    def entries(self) -> list[ModelEntry]:
+        out = {}
+        for p in sorted(self.root.glob("*.onnx")):
+            if p.name == LEGACY:
+                continue
+            out[p.stem] = ModelEntry(p.stem, p, self.card(p.stem))
+        if not (self.root / ACTIVE_FILE).exists():
+            lv = self.legacy_version()
+            if lv is not None and lv not in out:
+                out[lv] = ModelEntry(lv, self.root / LEGACY, self.card(lv))
+        return sorted(out.values(), key=lambda e: (e.card.get("created", ""), e.version))
+
+    def entry(self, version: str) -> ModelEntry:
+        for e in self.entries():
+            if e.version == version:
+                return e
+        known = [e.version for e in self.entries()]
+        raise RegistryError(f"no model version {version!r} in {self.root} (known: {known}); "
+                            f"export one there with `kozan model export ... --out {self.root}/{version}.onnx`")
+
+    def active_version(self) -> str | None:
+        ptr = self._pointer()
+        return ptr["version"] if ptr else self.legacy_version()
+
+    def active_path(self) -> Path:
+        ptr = self._pointer()
+        if ptr is None:
+            return self.root / LEGACY
+        p = self.root / f"{ptr['version']}.onnx"
+        if not p.exists():
+            raise RegistryError(f"{self.root / ACTIVE_FILE} names {ptr['version']}, but {p} is missing: "
+                                "restore the file or `kozan model rollback`")
+        return p
+
+    def history(self) -> list[str]:
+        ptr = self._pointer()
+        return list(ptr.get("history", [])) if ptr else []
+
+    # ---- writing ------------------------------------------------------------------------------
+    def register(self, onnx: Path, version: str | None = None, parent: str | None = None,
+                 data_fingerprint: str | None = None, data: str | None = None, notes: str = "") -> ModelEntry:
+        """Card a model file in the registry folder (copied in, with its .pt, when it lies elsewhere)."""
+        from vision.detector import model_card_meta
+
+        onnx = Path(onnx)
+        meta = model_card_meta(onnx)
+        version = version or meta["version"]
+        dst = self.root / f"{version}.onnx"
+        if onnx.resolve() != dst.resolve():
+            if dst.exists():
+                raise RegistryError(f"{dst} exists already: versions are immutable, pick another version name")
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(onnx, dst)
+            if onnx.with_suffix(".pt").exists():
+                shutil.copy2(onnx.with_suffix(".pt"), dst.with_suffix(".pt"))
+        card = self.card(version)
+        card.update({
+            "version": version, "file": dst.name, "sha256": file_sha256(dst),
+            "weights": dst.with_suffix(".pt").name if dst.with_suffix(".pt").exists() else None,
+            "names": meta["names"], "input_hw": meta["input_hw"],
+            "data_fingerprint": data_fingerprint or meta["data_fingerprint"],
+            "parent": parent if parent is not None else card.get("parent"),
+            "created": card.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        if data:
+            card["data"] = data
+        if notes:
+            card["notes"] = notes
+        card.setdefault("golden", {})
+        _write_json(self.card_path(version), card)
+        return ModelEntry(version, dst, card)
+
+    def record_metrics(self, version: str, golden_fingerprint: str, metrics: dict[str, Any]) -> None:
+        card = self.card(version)
+        if not card:
+            raise RegistryError(f"{version} has no model card: `kozan model register` it first")
+        card.setdefault("golden", {})[golden_fingerprint] = metrics
+        _write_json(self.card_path(version), card)
+
+    def _adopt_legacy(self) -> str | None:
+        """Before the first pointer is written: make the legacy active.onnx a version of its own."""
+        if (self.root / ACTIVE_FILE).exists():
+            return self.active_version()
+        lv = self.legacy_version()
+        if lv is None:
+            return None
+        if not (self.root / f"{lv}.onnx").exists():
+            self.register(self.root / LEGACY, lv, notes="adopted from the legacy models/active.onnx")
+        elif not self.card(lv):
+            self.register(self.root / f"{lv}.onnx", lv)
+        return lv
+
+    def set_active(self, version: str, reason: str) -> dict[str, Any]:
+        prev = self._adopt_legacy()
+        self.entry(version)   # exists?
+        ptr = self._pointer() or {"version": prev, "history": []}
+        hist = list(ptr.get("history", []))
+        if prev is not None and prev != version:
+            hist.append(prev)
+        new = {"version": version, "history": hist[-20:], "changed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "reason": reason}
+        _write_json(self.root / ACTIVE_FILE, new)
+        return new
+
+    def rollback(self) -> tuple[str, str]:
+        """Back to the version active before this one; returns (from, to)."""
+        ptr = self._pointer()
+        if ptr is None or not ptr.get("history"):
+            raise RegistryError("nothing to roll back to: no earlier active version is on record")
+        hist = list(ptr["history"])
+        to = hist.pop()
+        p = self.root / f"{to}.onnx"
+        if not p.exists():
+            raise RegistryError(f"cannot roll back to {to}: {p} is missing")
+        from vision.detector import model_card_meta
+
+        model_card_meta(p)   # loads?
+        cur = ptr["version"]
+        _write_json(self.root / ACTIVE_FILE, {"version": to, "history": hist,
+                                              "changed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                              "reason": f"rollback from {cur}", "rolled_back": cur})
+        return cur, to
+
+
+# ---- loading for the station (hot-swap) ---------------------------------------------------------
+def load_for_station(path: Path, expect_names: tuple[str, ...], taxonomy_names: tuple[str, ...],
+                     frame_hw: tuple[int, int], **detector_kw: Any):
+    """Load a model and prove it can run on this station, or raise `ModelError` saying why.
+
+    Loads (a corrupt file fails here), fixed NCHW 3-channel input (a dynamic or odd shape fails),
+    class names the taxonomy knows and equal to the running model's, and one inference on a
+    frame-sized image giving a well-formed result.
+    """
+    from vision.detector import Detector, ModelError
+
+    det = Detector(path, **detector_kw)
+    n, c, h, w = det.session.get_inputs()[0].shape
+    if n != 1 or c != 3:
+        raise ModelError(f"{path}: input shape {[n, c, h, w]}: Kozan feeds one 3-channel image (1, 3, H, W)")
+    unknown = [x for x in det.names if x not in taxonomy_names]
+    if unknown:
+        raise ModelError(f"{path}: classes {unknown} are not in the taxonomy: the sorting rules cannot act on them")
+    if tuple(det.names) != tuple(expect_names):
+        raise ModelError(f"{path}: classes {list(det.names)} differ from the running model's {list(expect_names)}; "
+                         "a running station only switches between models with the same classes — restart it")
+    try:
+        out = det(np.full((frame_hw[0], frame_hw[1], 3), 114, np.uint8))
+    except Exception as e:
+        raise ModelError(f"{path}: a test inference failed ({type(e).__name__}: {e})") from None
+    if out.boxes.shape[1:] != (4,):
+        raise ModelError(f"{path}: a test inference gave boxes of shape {out.boxes.shape}")
+    return det
+
+
+def measure_latency_ms(path: Path, runs: int = 15, threads: int = 2) -> float:
+    """Median session.run time of a model on its own input (letterboxing excluded), in ms."""
+    from vision.detector import make_session
+
+    sess = make_session(path, threads)
+    inp = sess.get_inputs()[0]
+    x = np.random.default_rng(0).random(inp.shape, dtype=np.float32)
+    sess.run(None, {inp.name: x})
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        ts.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(ts)
+
+
+# ---- the gate -------------------------------------------------------------------------------------
+@dataclass
+class GateResult:
+    version: str
+    ok: bool
+    refusals: list[str]
+    details: dict[str, Any]
+
+    def explain(self) -> str:
+        if self.ok:
+            return f"{self.version}: passes the gate ({json.dumps(self.details, sort_keys=True)})"
+        return f"{self.version} refused:\n" + "\n".join(f"  - {r}" for r in self.refusals)
+
+
+def check_promotion(reg: Registry, version: str, sorting_classes: list[str], taxonomy_names: tuple[str, ...],
+                    golden_fingerprint: str | None, ap50_tolerance: float, latency_budget_ms: float,
+                    evaluate: Callable[[Path], dict[str, Any]] | None = None,
+                    latency: Callable[[Path], float] = measure_latency_ms) -> GateResult:
+    """Every reason `version` may not replace the active model (an empty list: it may)."""
+    from vision.detector import ModelError, model_card_meta
+
+    refusals: list[str] = []
+    details: dict[str, Any] = {}
+    cand = reg.entry(version)
+    try:
+        meta = model_card_meta(cand.onnx)
+    except ModelError as e:
+        return GateResult(version, False, [f"does not load: {e}"], details)
+    names = meta["names"]
+    unknown = [n for n in names if n not in taxonomy_names]
+    if unknown:
+        refusals.append(f"classes {unknown} are unknown to the sorting rules (taxonomy: {list(taxonomy_names)})")
+    missing = [n for n in sorting_classes if n not in names]
+    if missing:
+        refusals.append(f"does not detect {missing}, which the sorting rules sort (rules.class_to_bin)")
+    active_v = reg.active_version()
+    active_path = reg.active_path()
+    if active_v == version:
+        refusals.append(f"{version} is already the active model")
+    active_names = model_card_meta(active_path)["names"] if active_path.exists() else None
+    if active_names is not None and list(active_names) != list(names):
+        refusals.append(f"classes {names} differ from the active model's {active_names}: a running station "
+                        "cannot switch to it (retrain with the taxonomy's classes)")
+    # golden set: per-class AP50 against the active model, on the same golden set
+    if golden_fingerprint is None:
+        refusals.append("no golden set given (--golden data.yaml): per-class AP50 cannot be compared")
+    else:
+        got = {}
+        for v, path in ((version, cand.onnx), (active_v, active_path)):
+            card = reg.card(v) if v else {}
+            m = card.get("golden", {}).get(golden_fingerprint)
+            if m is None and evaluate is not None and path.exists():
+                m = evaluate(path)
+                if card:
+                    reg.record_metrics(v, golden_fingerprint, m)
+            got[v] = m
+        cm, am = got.get(version), got.get(active_v)
+        if cm is None:
+            refusals.append(f"{version} has no metrics on golden set {golden_fingerprint}: evaluate it first")
+        if am is None and active_v is not None:
+            refusals.append(f"the active model {active_v} has no metrics on golden set {golden_fingerprint}")
+        if cm is not None and am is not None:
+            details["map50"] = {"candidate": cm.get("map50"), "active": am.get("map50")}
+            worse = []
+            for cls, a in sorted(am["per_class_ap50"].items()):
+                c = cm["per_class_ap50"].get(cls)
+                if c is None:
+                    worse.append(f"{cls} (no AP50 for it; active {a:.3f})")
+                elif c < a - ap50_tolerance:
+                    worse.append(f"{cls} AP50 {c:.3f} < active {a:.3f} - tolerance {ap50_tolerance:.3f}")
+            if worse:
+                refusals.append("per-class AP50 regression on the golden set: " + "; ".join(worse))
+            details["per_class_ap50"] = {cls: {"candidate": cm["per_class_ap50"].get(cls), "active": a}
+                                         for cls, a in sorted(am["per_class_ap50"].items())}
+    ms = latency(cand.onnx)
+    details["latency_ms"] = round(ms, 2)
+    if ms > latency_budget_ms:
+        refusals.append(f"inference takes {ms:.1f} ms (median), over the budget of {latency_budget_ms:.1f} ms")
+    return GateResult(version, not refusals, refusals, details)
