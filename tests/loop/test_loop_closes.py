@@ -82,8 +82,8 @@ class BackgroundSwap:
             self.thread.start()
 
 
-def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, imgsz: int = 320,
-                   tolerance: float = 0.10, log=print) -> dict[str, Any]:
+def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, tolerance: float = 0.10,
+                   log=print) -> dict[str, Any]:
     from station.cli_loop import golden_fingerprint, golden_metrics
     from station.config import StationConfig
     from station.simrun import run_fast
@@ -105,6 +105,9 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, imgsz: 
         shutil.copy2(REPO / "models" / f"active{ext}", models / f"active{ext}")
     reg = Registry(models)
     base = reg.active_version()
+    from vision.detector import model_card_meta
+
+    hw = tuple(model_card_meta(models / "active.onnx")["input_hw"])   # fine-tune and export at the model's own input
     reg.set_active(base, "the shipped model")                       # adopt it: models/<base>.onnx + .pt + card
     cfg = StationConfig()
     cfg.detector.model = str(models / "active.onnx")                # the pointer: follows promotions
@@ -138,13 +141,13 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, imgsz: 
 
     # 4. fine-tune the active model's weights briefly, export, card
     t0 = time.perf_counter()
-    run = train(TrainRecipe(data=work / "train-set" / "data.yaml", model=str(reg.entry(base).pt), imgsz=imgsz,
+    run = train(TrainRecipe(data=work / "train-set" / "data.yaml", model=str(reg.entry(base).pt), imgsz=max(hw),
                             epochs=epochs, batch=8, workers=0, threads=2, name="ft", project=work / "runs",
                             warmup_epochs=0.0, close_mosaic=epochs, lr0=0.005, patience=epochs))
     lap("fine-tune", t0)
     t0 = time.perf_counter()
     cand = f"{base}-line1"
-    export_onnx(run / "weights" / "best.pt", work / "export" / f"{cand}.onnx", (imgsz, imgsz), cand,
+    export_onnx(run / "weights" / "best.pt", work / "export" / f"{cand}.onnx", hw, cand,
                 merged["fingerprint"])
     reg.register(work / "export" / f"{cand}.onnx", cand, parent=base, data_fingerprint=merged["fingerprint"],
                  data=str(work / "train-set" / "data.yaml"))
@@ -164,8 +167,12 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, imgsz: 
     t0 = time.perf_counter()
     cfg_old = cfg.model_copy(deep=True)
     cfg_old.detector.model = str(models / f"{base}.onnx")
-    before = run_fast(cfg_old, n_eval, seed=EVAL_SEED, look_seed=LOOK)
-    lap("before run", t0)
+    cfg_default_capture = cfg_old.model_copy(deep=True)
+    cfg_default_capture.capture = type(cfg.capture)(enabled=True)      # the shipped capture settings
+    before = run_fast(cfg_default_capture, n_eval, seed=EVAL_SEED, look_seed=LOOK, capture_dir=work / "default-capture")
+    lap("before run (default capture settings)", t0)
+    bc = before["capture"]
+    default_mb = sum(p.stat().st_size for p in (work / "default-capture").rglob("*") if p.is_file()) / 1e6
     t0 = time.perf_counter()
     swap = BackgroundSwap(reg.active_path(), reg.active_version())
     after = run_fast(cfg_old, n_eval, seed=EVAL_SEED, look_seed=LOOK, on_frame=swap)
@@ -182,6 +189,9 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, imgsz: 
         "capture": {**cap, "line_s": rep_c["line_s"], "frames_per_line_hour": round(cap["written"] / line_h),
                     "mb_per_line_hour": round(disk_mb / line_h, 1), "per_reason": stats["per_reason"],
                     "duplicates_removed": dedup["duplicates"]},
+        "capture_default_settings": {**bc, "line_s": before["line_s"],
+                                     "frames_per_line_hour": round(bc["written"] / (before["line_s"] / 3600)),
+                                     "mb_per_line_hour": round(default_mb / (before["line_s"] / 3600), 1)},
         "data": {"split": split, "train": merged["n_train"], "val": merged["n_val"]},
         "hot_swap": {**swap.rec, "switched_at_frame": sw and sw["frame"],
                      "tracks_in_flight": sw and sw["tracks_in_flight"],
