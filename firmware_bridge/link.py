@@ -17,7 +17,7 @@ import select
 import statistics
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
@@ -43,6 +43,8 @@ from .messages import (
     Configure,
     DiverterSetup,
     EncoderReport,
+    Ended,
+    EventAck,
     Fault,
     FireAt,
     FireNow,
@@ -53,6 +55,7 @@ from .messages import (
     Message,
     MsgType,
     Nak,
+    NakReason,
     ProtocolError,
     ProtocolVersionMismatch,
     Status,
@@ -66,6 +69,8 @@ DEFAULT_BAUDRATE = 250_000
 IDENTIFY_PERIOD_S = 0.2
 CONFIGURE_RESEND_S = 0.1
 POLL_S = 0.001
+RESOLVE_INTERVAL_S = 0.2  # re-send period of a command that timed out, until the MCU answers it
+DEDUP_MEMORY = 8192  # (boot_id, event_seq) pairs and finished command ids remembered
 
 
 class LinkError(RuntimeError):
@@ -78,6 +83,7 @@ class _Pending:
     first_sent: float
     last_sent: float
     attempts: int = 1
+    timed_out: bool = False  # CommandTimeoutEvent emitted; still re-sent until the MCU answers
 
 
 class _ConfigWaiter:
@@ -158,12 +164,17 @@ class DiverterLink:
 
         self._hello: Hello | None = None
         self._hello_seen = threading.Event()
+        self._peer_hello_other_version: Hello | None = None
         self._mcu_status: Status | None = None
         self._last_mcu_time_us: int | None = None
         self._last_configure: Configure | None = None
         self._config_waiters: dict[int, _ConfigWaiter] = {}
         self._pending: dict[int, _Pending] = {}
-        self._outstanding: set[int] = set()  # acked FireAt not yet fired / cancelled / naked
+        self._outstanding: set[int] = set()  # acked FireAt not yet fired / cancelled / ended
+        self._boot_id: int | None = None  # the MCU boot this link talks to (Hello, Heartbeat or an event)
+        self._retired_boots: set[int] = set()
+        self._seen_events: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._finished: OrderedDict[int, None] = OrderedDict()  # command ids whose final outcome was emitted
         self._events: deque[LinkEvent] = deque()
         self._max_events = max_events
         self._heartbeats_enabled = True
@@ -179,12 +190,42 @@ class DiverterLink:
         self._events_dropped = 0
         self._bad_messages = 0
         self._last_rx_mono: float | None = None
+        self._events_rx = 0
+        self._hellos_rx = 0
+        self._reconfigure_due: float | None = None  # re-send the Configure after a reset until acked
+        self._event_dups = 0
+        self._resolved_after_timeout = 0
 
     # ----------------------------------------------------------------- lifecycle
     def open(self, timeout: float = 2.0) -> Hello:
         """Open the port, start the I/O thread and wait for the MCU's Hello."""
         if self._thread is not None:
             raise LinkError(f"link to {self.url} is already open")
+        return self._connect(timeout)
+
+    def reopen(self, timeout: float = 2.0) -> Hello:
+        """Close the port and open it again (a USB re-enumeration, a cable re-plugged), keeping every command.
+
+        Commands still unanswered are re-sent; events the MCU re-sends are matched to the commands they
+        belong to. If the MCU reset meanwhile, its Hello says so and the usual reset handling follows.
+        """
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(2.0)
+        self._thread = None
+        if self._ser is not None:
+            try:
+                self._ser.close()
+            except Exception:
+                log.debug("error closing %s", self.url, exc_info=True)
+            self._ser = None
+        self._hello_seen.clear()
+        self._decoder.reset()
+        self._rx_expected_seq = None
+        self._io_error = None
+        return self._connect(timeout)
+
+    def _connect(self, timeout: float) -> Hello:
         try:
             self._ser = serial.serial_for_url(self.url, baudrate=self.baudrate, timeout=0)
         except (serial.SerialException, OSError, ValueError) as exc:
@@ -207,6 +248,9 @@ class DiverterLink:
                 "the simulator, that it is running and this is its slave path."
             )
         hello = self._hello
+        peer = self._peer_hello_other_version
+        if peer is not None and hello is None:
+            hello = peer
         assert hello is not None
         if hello.protocol_version != PROTOCOL_VERSION:
             self.close()
@@ -303,6 +347,18 @@ class DiverterLink:
         with self._state:
             self._send(Cancel(int(command_id)))
 
+    def ping(self, timeout: float = 0.5) -> float | None:
+        """Round trip of an Identify answered by a Hello, in seconds (None: no answer). Changes nothing on
+        the MCU, so technicians can use it on a live line (``kozan firmware ping``)."""
+        self._require_open()
+        with self._state:
+            before = self._hellos_rx
+            t0 = time.monotonic()
+            self._send(Identify())
+            if not self._state.wait_for(lambda: self._hellos_rx > before, timeout):
+                return None
+            return time.monotonic() - t0
+
     def poll_events(self) -> list[LinkEvent]:
         """Everything that happened since the last call, oldest first."""
         with self._state:
@@ -311,9 +367,16 @@ class DiverterLink:
         return events
 
     def wait_settled(self, timeout: float) -> bool:
-        """Block until every FireAt/FireNow sent has an answer (ack, nak, fired or timeout)."""
+        """Block until every FireAt/FireNow sent has an answer (ack, nak, fired) or has timed out."""
         with self._state:
-            return self._state.wait_for(lambda: not self._pending, timeout)
+            return self._state.wait_for(lambda: all(p.timed_out for p in self._pending.values()), timeout)
+
+    def wait_resolved(self, timeout: float) -> bool:
+        """Block until every command sent has its final outcome: fired, ended (Nak, Ended) or lost in a reset.
+
+        A command that timed out is still re-sent until the MCU answers it, so this also waits for those."""
+        with self._state:
+            return self._state.wait_for(lambda: not self._pending and not self._outstanding, timeout)
 
     # ----------------------------------------------------------------- state
     @property
@@ -351,9 +414,13 @@ class DiverterLink:
                 "resets": self._resets,
                 "last_rx_age_s": (time.monotonic() - self._last_rx_mono) if self._last_rx_mono else None,
                 "pending": len(self._pending),
+                "unresolved": sum(1 for p in self._pending.values() if p.timed_out),
+                "resolved_after_timeout": self._resolved_after_timeout,
                 "outstanding": len(self._outstanding),
+                "events_rx": self._events_rx,
+                "event_dups": self._event_dups,
                 "events_dropped": self._events_dropped,
-                "boot_id": self._hello.boot_id if self._hello else None,
+                "boot_id": self._boot_id,
                 "mcu_status": asdict(self._mcu_status) if self._mcu_status else None,
                 "io_error": self._io_error,
             }
@@ -442,16 +509,22 @@ class DiverterLink:
 
     def _retransmit(self, now: float) -> None:
         with self._state:
+            if self._reconfigure_due is not None and now >= self._reconfigure_due and self._last_configure:
+                self._reconfigure_due = now + CONFIGURE_RESEND_S
+                self._send(self._last_configure)
             for cid, p in list(self._pending.items()):
-                if now - p.last_sent < self.retransmit_timeout_s:
+                if now - p.last_sent < (RESOLVE_INTERVAL_S if p.timed_out else self.retransmit_timeout_s):
                     continue
-                if p.attempts > self.max_retries:
-                    del self._pending[cid]
+                if p.attempts > self.max_retries and not p.timed_out:
+                    # Tell the station now (the item is probably missed), but keep asking: the MCU's answer
+                    # to a re-send is its first answer (de-dup by command_id), or Nak(LATE) if it never got
+                    # the command and the belt has passed; so the final outcome is always learnt.
+                    p.timed_out = True
                     self._timeouts += 1
-                    log.warning("command %d: no answer after %d transmissions; item missed", cid, p.attempts)
+                    log.warning("command %d: no answer after %d transmissions; item probably missed", cid,
+                                p.attempts)
                     self._emit(CommandTimeoutEvent(self._clock(), cid, p.attempts))
                     self._state.notify_all()
-                    continue
                 p.attempts += 1
                 p.last_sent = now
                 self._retries += 1
@@ -464,6 +537,14 @@ class DiverterLink:
         except ProtocolVersionMismatch as exc:
             self._bad_messages += 1
             log.error("%s", exc)
+            if frame.msg_type == MsgType.HELLO and self._hello is None:
+                # Hello's layout is the same in every protocol version (PROTOCOL.md §8), so that open() can
+                # say which versions disagree instead of "no Hello".
+                try:
+                    self._peer_hello_other_version = Hello.decode_payload(frame.payload)
+                    self._hello_seen.set()
+                except ProtocolError:
+                    pass
             return
         except ProtocolError as exc:
             self._bad_messages += 1
@@ -479,31 +560,97 @@ class DiverterLink:
         if isinstance(msg, EncoderReport):
             self.belt_clock.add(self._clock(), msg.count)
         elif isinstance(msg, Heartbeat):
-            self._last_mcu_time_us = msg.mcu_time_us
+            if self._current_boot(msg.boot_id):
+                self._last_mcu_time_us = msg.mcu_time_us
+        elif isinstance(msg, (Fired, Ended, Fault)):
+            self._on_event(msg)
         elif isinstance(msg, Status):
             self._mcu_status = msg
         elif isinstance(msg, Ack):
             self._on_ack(msg)
         elif isinstance(msg, Nak):
             self._on_nak(msg)
-        elif isinstance(msg, Fired):
-            self._pending.pop(msg.command_id, None)
-            self._outstanding.discard(msg.command_id)
-            self._emit(FiredEvent(self._clock(), msg.command_id, msg.diverter, msg.actual_count, msg.mcu_time_us))
-            self._state.notify_all()
-        elif isinstance(msg, Fault):
-            log.warning("MCU fault %s (detail %d)", msg.code.name, msg.detail)
-            self._emit(FaultEvent(self._clock(), msg.code, msg.detail))
         elif isinstance(msg, Hello):
             self._on_hello(msg)
         else:
             log.warning("unexpected %s from the MCU; ignored", type(msg).__name__)
+
+    # ----------------------------------------------------------------- internals: MCU events
+    def _current_boot(self, boot_id: int) -> bool:
+        """True if ``boot_id`` is the MCU boot this link talks to; a new one is handled as a reset."""
+        if boot_id == self._boot_id:
+            return True
+        if boot_id in self._retired_boots:
+            return False  # a straggler from before a reset
+        if self._boot_id is None:
+            self._boot_id = boot_id
+            return True
+        self._on_new_boot(boot_id)
+        try:
+            self._send(Identify())  # the Hello of that boot was lost on the line: ask for it
+        except LinkError:
+            pass
+        return True
+
+    def _on_event(self, msg: Fired | Ended | Fault) -> None:
+        """An MCU event: ack it (every copy: our ack may have been lost), act on the first copy only."""
+        if not self._current_boot(msg.boot_id):
+            return
+        try:
+            self._send(EventAck(msg.boot_id, msg.event_seq))
+        except LinkError:
+            pass  # the port is going away; the MCU re-sends, and a re-opened link acks then
+        key = (msg.boot_id, msg.event_seq)
+        if key in self._seen_events:
+            self._event_dups += 1
+            return
+        self._seen_events[key] = None
+        while len(self._seen_events) > DEDUP_MEMORY:
+            self._seen_events.popitem(last=False)
+        self._events_rx += 1
+        now = self._clock()
+        if isinstance(msg, Fault):
+            log.warning("MCU fault %s (detail %d)", msg.code.name, msg.detail)
+            self._emit(FaultEvent(now, msg.code, msg.detail))
+            return
+        self._settle(msg.command_id)
+        if isinstance(msg, Fired):
+            self._finish(msg.command_id)
+            self._emit(FiredEvent(now, msg.command_id, msg.diverter, msg.actual_count, msg.mcu_time_us))
+        elif msg.reason == NakReason.CANCELLED:
+            if self._finish(msg.command_id):
+                self._emit(AckEvent(now, msg.command_id, MsgType.CANCEL))
+        elif self._finish(msg.command_id):
+            self._naks[msg.reason.name] += 1
+            log.info("command %d: ended by the MCU (%s)", msg.command_id, msg.reason.name)
+            self._emit(NakEvent(now, msg.command_id, msg.reason, MsgType.FIRE_AT))
+        self._state.notify_all()
+
+    def _settle(self, command_id: int) -> None:
+        """The MCU has answered for ``command_id``: it is no longer pending (or outstanding)."""
+        p = self._pending.pop(command_id, None)
+        if p is not None and p.timed_out:
+            self._resolved_after_timeout += 1
+        self._outstanding.discard(command_id)
+
+    def _finish(self, command_id: int) -> bool:
+        """Mark a command's final outcome as told; False if it was told already."""
+        if command_id in self._finished:
+            return False
+        self._finished[command_id] = None
+        while len(self._finished) > DEDUP_MEMORY:
+            self._finished.popitem(last=False)
+        return True
 
     def _on_ack(self, msg: Ack) -> None:
         if msg.msg_type in (MsgType.FIRE_AT, MsgType.FIRE_NOW):
             p = self._pending.pop(msg.command_id, None)
             if p is None:
                 return  # duplicate ack of a retransmission (or already fired): already reported
+            if p.timed_out:
+                self._resolved_after_timeout += 1
+            if msg.command_id in self._finished:
+                return  # its Fired/Ended overtook the Ack (the Ack was lost): the outcome is out already
             if p.attempts == 1:
                 self._rtts.append(time.monotonic() - p.first_sent)
             if msg.msg_type == MsgType.FIRE_AT:
@@ -511,6 +658,7 @@ class DiverterLink:
             self._emit(AckEvent(self._clock(), msg.command_id, msg.msg_type))
             self._state.notify_all()
         elif msg.msg_type == MsgType.CONFIGURE:
+            self._reconfigure_due = None
             waiter = self._config_waiters.get(msg.seq)
             if waiter is not None and not waiter.done.is_set():
                 if not waiter.resent and waiter.first_sent is not None:
@@ -520,15 +668,20 @@ class DiverterLink:
             self._emit(AckEvent(self._clock(), 0, msg.msg_type))
         elif msg.msg_type == MsgType.CANCEL:
             self._outstanding.discard(msg.command_id)
-            self._emit(AckEvent(self._clock(), msg.command_id, msg.msg_type))
+            if self._finish(msg.command_id):
+                self._emit(AckEvent(self._clock(), msg.command_id, msg.msg_type))
+            self._state.notify_all()
 
     def _on_nak(self, msg: Nak) -> None:
         if msg.msg_type in (MsgType.FIRE_AT, MsgType.FIRE_NOW):
             p = self._pending.pop(msg.command_id, None)
-            was_outstanding = msg.command_id in self._outstanding
-            self._outstanding.discard(msg.command_id)
-            if p is None and not was_outstanding:
+            if p is None:
                 return  # duplicate answer to a retransmission
+            if p.timed_out:
+                self._resolved_after_timeout += 1
+            self._outstanding.discard(msg.command_id)
+            if not self._finish(msg.command_id):
+                return
             self._state.notify_all()
         elif msg.msg_type == MsgType.CONFIGURE:
             waiter = self._config_waiters.get(msg.seq)
@@ -542,12 +695,25 @@ class DiverterLink:
         self._emit(NakEvent(self._clock(), msg.command_id, msg.reason, msg.msg_type))
 
     def _on_hello(self, msg: Hello) -> None:
-        first = self._hello is None
-        same_boot = not first and self._hello is not None and self._hello.boot_id == msg.boot_id
+        self._hellos_rx += 1
+        self._state.notify_all()
+        if msg.boot_id in self._retired_boots:
+            return
+        first = self._boot_id is None
+        same_boot = self._boot_id == msg.boot_id
         self._hello = msg
         if first or same_boot:
+            self._boot_id = msg.boot_id
             self._hello_seen.set()
             return
+        self._on_new_boot(msg.boot_id)
+        self._hello_seen.set()
+
+    def _on_new_boot(self, boot_id: int) -> None:
+        """The MCU reset (a new boot_id in a Hello, Heartbeat or event): its queue and events are gone."""
+        if self._boot_id is not None:
+            self._retired_boots.add(self._boot_id)
+        self._boot_id = boot_id
         self._resets += 1
         # Unanswered commands are lost too, and are not retransmitted to the new boot: the old boot may have
         # fired them (Ack and Fired lost on the wire), and their belt counts are in the old boot's encoder
@@ -559,9 +725,12 @@ class DiverterLink:
         reconfigure = self._last_configure is not None
         if self._last_configure is not None:
             self._send(self._last_configure)
+            self._reconfigure_due = time.monotonic() + CONFIGURE_RESEND_S  # until acked: it may be lost
+        for cid in lost:
+            self._finish(cid)
         log.warning(
             "diverter MCU reset (new boot_id %08x): %d queued commands lost %s; %s",
-            msg.boot_id, len(lost), list(lost), "re-sent Configure" if reconfigure else "not configured yet",
+            boot_id, len(lost), list(lost), "re-sent Configure" if reconfigure else "not configured yet",
         )
-        self._emit(ResetEvent(self._clock(), msg.boot_id, lost, reconfigure))
+        self._emit(ResetEvent(self._clock(), boot_id, lost, reconfigure))
         self._state.notify_all()

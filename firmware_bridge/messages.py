@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 
 from .framing import Frame, FramingError, encode_frame
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_DIVERTERS = 35  # (255 - 9) // 7: what fits in one Configure payload
 
 
@@ -37,6 +37,7 @@ class MsgType(IntEnum):
     CANCEL = 0x04
     HEARTBEAT = 0x05
     IDENTIFY = 0x06
+    EVENT_ACK = 0x07
     HELLO = 0x80
     ACK = 0x81
     NAK = 0x82
@@ -44,6 +45,7 @@ class MsgType(IntEnum):
     ENCODER_REPORT = 0x84
     FAULT = 0x85
     STATUS = 0x86
+    ENDED = 0x87
 
 
 class NakReason(IntEnum):
@@ -56,6 +58,7 @@ class NakReason(IntEnum):
     WATCHDOG = 7
     NOT_QUEUED = 8
     UNSUPPORTED = 9
+    CANCELLED = 10  # only in Ended: the host's Cancel removed the queued command
 
 
 class FaultCode(IntEnum):
@@ -182,15 +185,29 @@ class Cancel(_Fixed):
 
 @dataclass(frozen=True)
 class Heartbeat(_Fixed):
+    """Both ways. The MCU's carries its clock and its boot id (so a reset is noticed even if its Hello was
+    lost on the line); the host sends zeros."""
+
     TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
-    _FMT: ClassVar[struct.Struct] = struct.Struct("<Q")
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<QI")
     mcu_time_us: int = 0
+    boot_id: int = 0
 
 
 @dataclass(frozen=True)
 class Identify(_Fixed):
     TYPE: ClassVar[MsgType] = MsgType.IDENTIFY
     _FMT: ClassVar[struct.Struct] = struct.Struct("<")
+
+
+@dataclass(frozen=True)
+class EventAck(_Fixed):
+    """The host has an MCU event (Fired, Ended, Fault): stop re-sending it (PROTOCOL.md §6a)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.EVENT_ACK
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<II")
+    boot_id: int
+    event_seq: int
 
 
 @dataclass(frozen=True)
@@ -227,8 +244,12 @@ class Nak(_Fixed):
 
 @dataclass(frozen=True)
 class Fired(_Fixed):
+    """Event (re-sent until acked): the command fired."""
+
     TYPE: ClassVar[MsgType] = MsgType.FIRED
-    _FMT: ClassVar[struct.Struct] = struct.Struct("<IBqQ")
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<IIIBqQ")
+    boot_id: int
+    event_seq: int
     command_id: int
     diverter: int
     actual_count: int
@@ -245,9 +266,13 @@ class EncoderReport(_Fixed):
 
 @dataclass(frozen=True)
 class Fault(_Fixed):
+    """Event (re-sent until acked): something the station must be told of."""
+
     TYPE: ClassVar[MsgType] = MsgType.FAULT
-    _FMT: ClassVar[struct.Struct] = struct.Struct("<BI")
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<IIBI")
     _ENUMS: ClassVar[dict[str, type[IntEnum]]] = {"code": FaultCode}
+    boot_id: int
+    event_seq: int
     code: FaultCode
     detail: int = 0
 
@@ -255,31 +280,51 @@ class Fault(_Fixed):
 @dataclass(frozen=True)
 class Status(_Fixed):
     TYPE: ClassVar[MsgType] = MsgType.STATUS
-    _FMT: ClassVar[struct.Struct] = struct.Struct("<B???")
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<B???BH")
     queue_depth: int
     estop: bool
     configured: bool
     watchdog_tripped: bool
+    events_pending: int = 0  # events sent but not yet acked by the host
+    events_dropped: int = 0  # events evicted unacked from a full event buffer (this boot)
+
+
+@dataclass(frozen=True)
+class Ended(_Fixed):
+    """Event (re-sent until acked): an accepted command ended without firing and never will.
+
+    ``reason`` is CANCELLED (the host's Cancel), WATCHDOG, ESTOP or NOT_CONFIGURED."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ENDED
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<IIIB")
+    _ENUMS: ClassVar[dict[str, type[IntEnum]]] = {"reason": NakReason}
+    boot_id: int
+    event_seq: int
+    command_id: int
+    reason: NakReason
 
 
 Message = Union[
-    Configure, FireAt, FireNow, Cancel, Heartbeat, Identify,
-    Hello, Ack, Nak, Fired, EncoderReport, Fault, Status,
+    Configure, FireAt, FireNow, Cancel, Heartbeat, Identify, EventAck,
+    Hello, Ack, Nak, Fired, EncoderReport, Fault, Status, Ended,
 ]
+#: MCU messages that are events: numbered per boot, re-sent until the host sends EventAck.
+EVENT_TYPES = (Fired, Ended, Fault)
 
 MESSAGE_CLASSES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (
-        Configure, FireAt, FireNow, Cancel, Heartbeat, Identify,
-        Hello, Ack, Nak, Fired, EncoderReport, Fault, Status,
+        Configure, FireAt, FireNow, Cancel, Heartbeat, Identify, EventAck,
+        Hello, Ack, Nak, Fired, EncoderReport, Fault, Status, Ended,
     )
 }
 HOST_TO_MCU = frozenset(
-    {MsgType.CONFIGURE, MsgType.FIRE_AT, MsgType.FIRE_NOW, MsgType.CANCEL, MsgType.HEARTBEAT, MsgType.IDENTIFY}
+    {MsgType.CONFIGURE, MsgType.FIRE_AT, MsgType.FIRE_NOW, MsgType.CANCEL, MsgType.HEARTBEAT, MsgType.IDENTIFY,
+     MsgType.EVENT_ACK}
 )
 MCU_TO_HOST = frozenset(
     {MsgType.HELLO, MsgType.ACK, MsgType.NAK, MsgType.FIRED, MsgType.ENCODER_REPORT, MsgType.FAULT,
-     MsgType.STATUS, MsgType.HEARTBEAT}
+     MsgType.STATUS, MsgType.HEARTBEAT, MsgType.ENDED}
 )
 
 

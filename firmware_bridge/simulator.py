@@ -38,6 +38,8 @@ from .messages import (
     Configure,
     DiverterSetup,
     EncoderReport,
+    Ended,
+    EventAck,
     Fault,
     FaultCode,
     FireAt,
@@ -47,7 +49,6 @@ from .messages import (
     Hello,
     Identify,
     Message,
-    MsgType,
     Nak,
     NakReason,
     ProtocolError,
@@ -66,10 +67,20 @@ OUTCOME_MEMORY = 1024
 RATE_WINDOW_US = 100_000
 HEARTBEAT_PERIOD_US = 100_000
 STATUS_PERIOD_US = 500_000
+EVENT_SLOTS = 128  # queue (64) + room for FireNow reports and faults while the host is away
+EVENT_RESEND_US = 50_000  # first re-send of an unacked event; doubles per re-send ...
+EVENT_RESEND_MAX_US = 400_000  # ... up to this
 DEFAULT_REPORT_INTERVAL_MS = 20
 TX_BUFFER_LIMIT = 64 * 1024
 POLL_TIMEOUT_S = 0.001
-FW_VERSION = 0x0100
+FW_VERSION = 0x0200
+
+
+@dataclass
+class _Event:
+    msg: Message
+    next_tx_us: int
+    interval_us: int
 
 
 @dataclass
@@ -113,7 +124,8 @@ class FirmwareSimulator:
         self._drop: dict[int, int] = {}
         self.stats: dict[str, int] = {
             "frames_rx": 0, "fired": 0, "naks": 0, "bad_frames": 0, "tx_dropped_bytes": 0,
-            "rx_dropped_on_purpose": 0, "watchdog_trips": 0, "boots": 0,
+            "rx_dropped_on_purpose": 0, "watchdog_trips": 0, "boots": 0, "faults": 0, "events": 0,
+            "event_resends": 0, "events_dropped": 0,
         }
         self._power_on()
 
@@ -209,6 +221,9 @@ class FirmwareSimulator:
         self._next_heartbeat = now
         self._next_status = now
         self._last_status: Status | None = None
+        self._events: OrderedDict[int, _Event] = OrderedDict()  # unacked events, oldest first
+        self._event_seq = 0
+        self._events_dropped = 0
         self.stats["boots"] += 1
 
     def _reboot(self) -> None:
@@ -220,7 +235,12 @@ class FirmwareSimulator:
         return Hello(self._boot_id, self.fw_version, PROTOCOL_VERSION, self._config_crc)
 
     def _status(self) -> Status:
-        return Status(len(self._queue), self._estop, self._config is not None, self._tripped)
+        return Status(len(self._queue), self._estop, self._config is not None, self._tripped,
+                      min(len(self._events), 255), min(self._events_dropped, 0xFFFF))
+
+    @property
+    def events_pending(self) -> int:
+        return len(self._events)
 
     # ----------------------------------------------------------------- main loop
     def _run(self) -> None:
@@ -298,7 +318,7 @@ class FirmwareSimulator:
         except ProtocolVersionMismatch:
             self.stats["bad_frames"] += 1
             log.warning("host frame with protocol version %d (we speak %d)", frame.version, PROTOCOL_VERSION)
-            self._send(Fault(FaultCode.BAD_VERSION, frame.version))
+            self._fault(FaultCode.BAD_VERSION, frame.version)
             return
         except UnknownMessageType as exc:
             self.stats["bad_frames"] += 1
@@ -334,6 +354,9 @@ class FirmwareSimulator:
             self._on_fire_now(frame, msg)
         elif isinstance(msg, Cancel):
             self._on_cancel(frame, msg)
+        elif isinstance(msg, EventAck):
+            if msg.boot_id == self._boot_id:
+                self._events.pop(msg.event_seq, None)
 
     def _nak(self, frame: Frame, command_id: int, reason: NakReason) -> Nak:
         nak = Nak(frame.seq, frame.msg_type, command_id, reason)
@@ -431,6 +454,7 @@ class FirmwareSimulator:
             return
         log.info("command %d: cancelled by host", msg.command_id)
         self._send(Ack(frame.seq, frame.msg_type, msg.command_id))
+        self._event(lambda seq: Ended(self._boot_id, seq, msg.command_id, NakReason.CANCELLED))
         self._send_status()
 
     # ----------------------------------------------------------------- time-driven work
@@ -477,15 +501,41 @@ class FirmwareSimulator:
         self.env.actuate(q.diverter, q.on_count, float(q.pulse_ms), q.command_id)
         self.stats["fired"] += 1
         log.debug("command %d: fired diverter %d at count %d", q.command_id, q.diverter, q.on_count)
-        self._send(Fired(q.command_id, q.diverter, q.on_count, self.env.mcu_time_us()))
+        now_us = self.env.mcu_time_us()
+        self._event(lambda seq: Fired(self._boot_id, seq, q.command_id, q.diverter, q.on_count, now_us))
 
     def _cancel_all(self, reason: NakReason) -> int:
         n = len(self._queue)
         for q in list(self._queue.values()):
-            self.stats["naks"] += 1
-            self._send(Nak(0, MsgType.FIRE_AT, q.command_id, reason))
+            self._event(lambda seq, cid=q.command_id: Ended(self._boot_id, seq, cid, reason))
         self._queue.clear()
         return n
+
+    # ----------------------------------------------------------------- events (PROTOCOL.md §6a)
+    def _event(self, make: Callable[[int], Message]) -> None:
+        """Number an event, keep it until the host acks it, and send it now."""
+        self._event_seq = (self._event_seq + 1) & 0xFFFFFFFF
+        msg = make(self._event_seq)
+        if len(self._events) >= EVENT_SLOTS:
+            self._events.popitem(last=False)  # the oldest is lost; Status counts it
+            self._events_dropped += 1
+            self.stats["events_dropped"] += 1
+        now_us = self.env.mcu_time_us()
+        self._events[self._event_seq] = _Event(msg, now_us + EVENT_RESEND_US, EVENT_RESEND_US)
+        self.stats["events"] += 1
+        self._send(msg)
+
+    def _fault(self, code: FaultCode, detail: int) -> None:
+        self.stats["faults"] += 1
+        self._event(lambda seq: Fault(self._boot_id, seq, code, detail))
+
+    def _resend_events(self, now_us: int) -> None:
+        for ev in self._events.values():
+            if now_us >= ev.next_tx_us:
+                ev.interval_us = min(ev.interval_us * 2, EVENT_RESEND_MAX_US)
+                ev.next_tx_us = now_us + ev.interval_us
+                self.stats["event_resends"] += 1
+                self._send(ev.msg)
 
     def _check_watchdog(self) -> None:
         if self._config is None or self._tripped:
@@ -497,7 +547,7 @@ class FirmwareSimulator:
         self.stats["watchdog_trips"] += 1
         n = self._cancel_all(NakReason.WATCHDOG)
         log.warning("watchdog: no host frame for %.0f ms; cancelled %d queued commands", silent_s * 1000, n)
-        self._send(Fault(FaultCode.WATCHDOG, n))
+        self._fault(FaultCode.WATCHDOG, n)
         self._send_status()
 
     def _apply_estop(self, active: bool) -> None:
@@ -507,7 +557,7 @@ class FirmwareSimulator:
         if active:
             n = self._cancel_all(NakReason.ESTOP)
             log.warning("e-stop pressed; cancelled %d queued commands", n)
-            self._send(Fault(FaultCode.ESTOP, n))
+            self._fault(FaultCode.ESTOP, n)
         self._send_status()
 
     def _send_status(self) -> None:
@@ -522,11 +572,12 @@ class FirmwareSimulator:
             # Schedule from now, not from the missed slot: never send a backlog of stale reports.
             self._next_report = now_us + interval_ms * 1000
         if now_us >= self._next_heartbeat:
-            self._send(Heartbeat(now_us))
+            self._send(Heartbeat(now_us, self._boot_id))
             self._next_heartbeat = now_us + HEARTBEAT_PERIOD_US
         if now_us >= self._next_status:
             self._send_status()
             self._next_status = now_us + STATUS_PERIOD_US
+        self._resend_events(now_us)
 
 
 def main(argv: list[str] | None = None) -> int:

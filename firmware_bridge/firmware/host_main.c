@@ -19,7 +19,9 @@
  *   reset               power-cycle the core (new boot id, Hello)               -> "ok"
  *   drop TYPE N         drop the next N valid host frames of msg type TYPE      -> "ok"
  *   state               -> "state boot=.. configured=.. queue=.. estop=.. tripped=.. count=.. time=..
- *                           rate_dc=.. rate_dt=.. frames_rx=.. crc_errors=.. malformed=.. fired=.."
+ *                           rate_dc=.. rate_dt=.. frames_rx=.. crc_errors=.. malformed=.. fired=.. tx_dropped=..
+ *                           faults=.. events_pending=.. events_dropped=.. watchdog_trips=.."
+ *                       (faults and watchdog_trips count every boot since the process started)
  *   quit                exit 0 (EOF on stdin too)
  * Asynchronous lines, whenever an output switches:
  *   act on DIVERTER ON_COUNT PULSE_MS COMMAND_ID TIME_US COUNT_NOW
@@ -58,6 +60,8 @@ static struct timespec g_t0;
 static uint64_t g_time_us;
 static int64_t g_count;
 static uint32_t g_rng;
+static uint32_t g_faults_before; /* faults / watchdog trips of earlier boots, so `state` counts them all */
+static uint32_t g_trips_before;
 
 static void now_world(uint64_t *t_us, int64_t *count) {
     if (!g_manual) {
@@ -130,6 +134,8 @@ static void power_on(void) {
     for (i = 0; i < g_mcu.n_outputs; i++) /* a reset drops every output (pins float to off) */
         if (g_mcu.outputs[i].on) hal_output(NULL, g_mcu.outputs[i].id, 0, 0, 0, 0);
     now_world(&t, &c);
+    g_faults_before += g_mcu.faults;
+    g_trips_before += g_mcu.watchdog_trips;
     kz_init(&g_mcu, &g_hal, next_boot_id(), t, g_estop);
 }
 
@@ -198,9 +204,12 @@ static int handle_control(char *line) {
         kz_rate(&g_mcu, &dc, &dt);
         printf("state boot=%" PRIu32 " configured=%d queue=%d estop=%d tripped=%d count=%" PRId64 " time=%" PRIu64
                " rate_dc=%" PRId64 " rate_dt=%" PRId64 " frames_rx=%" PRIu32 " crc_errors=%" PRIu32
-               " malformed=%" PRIu32 " fired=%" PRIu32 " tx_dropped=%lu\n",
+               " malformed=%" PRIu32 " fired=%" PRIu32 " tx_dropped=%lu faults=%" PRIu32 " events_pending=%u"
+               " events_dropped=%u watchdog_trips=%" PRIu32 "\n",
                g_mcu.boot_id, g_mcu.configured, g_mcu.queue_depth, g_mcu.estop, g_mcu.tripped, g_count, g_time_us,
-               dc, dt, g_mcu.frames_rx, g_mcu.crc_errors, g_mcu.malformed, g_mcu.fired, g_tx_dropped);
+               dc, dt, g_mcu.frames_rx, g_mcu.crc_errors, g_mcu.malformed, g_mcu.fired, g_tx_dropped,
+               g_faults_before + g_mcu.faults, (unsigned)g_mcu.event_count, (unsigned)g_mcu.events_dropped,
+               g_trips_before + g_mcu.watchdog_trips);
         return 0;
     } else if (strcmp(cmd, "sync") != 0) {
         printf("err unknown control line '%s': use set/sync/estop/reset/drop/state/quit\n", cmd);

@@ -109,19 +109,82 @@ static void send_nak(kz_mcu_t *m, uint8_t seq, uint8_t type, uint32_t command_id
     send_frame(m, KZ_NAK, p, sizeof p);
 }
 
+/* ------------------------------------------------------------------ events (PROTOCOL.md §6a)
+ * Fired, Ended and Fault are events: numbered per boot, sent at once, kept in a ring and re-sent (50 ms,
+ * doubling to 400 ms) until the host's EventAck names them. A full ring evicts its oldest entry (counted in
+ * Status.events_dropped): with 128 slots and at most 64 queued commands that takes > 64 unacked faults. */
+static kz_event_t *event_at(kz_mcu_t *m, uint16_t i) {
+    return &m->events[(uint16_t)((m->event_head + i) % KZ_EVENT_SLOTS)];
+}
+
+static void post_event(kz_mcu_t *m, uint8_t type, const uint8_t *tail, uint8_t tail_len) {
+    kz_event_t *e;
+    if (m->event_count == KZ_EVENT_SLOTS) {
+        m->event_head = (uint16_t)((m->event_head + 1u) % KZ_EVENT_SLOTS);
+        m->event_count--;
+        if (m->events_dropped < 0xFFFFu) m->events_dropped++;
+    }
+    e = event_at(m, m->event_count);
+    m->event_count++;
+    m->event_seq++;
+    e->event_seq = m->event_seq;
+    e->type = type;
+    e->len = (uint8_t)(8u + tail_len);
+    put_u32(e->payload, m->boot_id);
+    put_u32(e->payload + 4, m->event_seq);
+    memcpy(e->payload + 8, tail, tail_len);
+    e->interval_us = KZ_EVENT_RESEND_US;
+    e->next_tx_us = m->now_us + KZ_EVENT_RESEND_US;
+    send_frame(m, e->type, e->payload, e->len);
+}
+
+static void on_event_ack(kz_mcu_t *m, const uint8_t *p) {
+    uint32_t boot = get_u32(p), seq = get_u32(p + 4);
+    uint16_t i, j;
+    if (boot != m->boot_id) return; /* an ack meant for an earlier boot */
+    for (i = 0; i < m->event_count; i++) {
+        if (event_at(m, i)->event_seq != seq) continue;
+        for (j = i; j + 1u < m->event_count; j++) *event_at(m, j) = *event_at(m, (uint16_t)(j + 1u));
+        m->event_count--;
+        return;
+    }
+}
+
+static void resend_events(kz_mcu_t *m, uint64_t now_us) {
+    uint16_t i;
+    for (i = 0; i < m->event_count; i++) {
+        kz_event_t *e = event_at(m, i);
+        if (now_us < e->next_tx_us) continue;
+        e->interval_us = e->interval_us * 2u > KZ_EVENT_RESEND_MAX_US ? KZ_EVENT_RESEND_MAX_US : e->interval_us * 2u;
+        e->next_tx_us = now_us + e->interval_us;
+        m->event_resends++;
+        send_frame(m, e->type, e->payload, e->len);
+    }
+}
+
 static void send_fault(kz_mcu_t *m, uint8_t code, uint32_t detail) {
     uint8_t p[5];
     p[0] = code;
     put_u32(p + 1, detail);
-    send_frame(m, KZ_FAULT, p, sizeof p);
+    m->faults++;
+    post_event(m, KZ_FAULT, p, sizeof p);
+}
+
+static void send_ended(kz_mcu_t *m, uint32_t command_id, uint8_t reason) {
+    uint8_t p[5];
+    put_u32(p, command_id);
+    p[4] = reason;
+    post_event(m, KZ_ENDED, p, sizeof p);
 }
 
 static void send_status(kz_mcu_t *m) {
-    uint8_t p[4];
+    uint8_t p[7];
     p[0] = m->queue_depth;
     p[1] = m->estop ? 1 : 0;
     p[2] = m->configured ? 1 : 0;
     p[3] = m->tripped ? 1 : 0;
+    p[4] = (uint8_t)(m->event_count > 255u ? 255u : m->event_count);
+    put_u16(p + 5, m->events_dropped);
     send_frame(m, KZ_STATUS, p, sizeof p);
 }
 
@@ -161,7 +224,7 @@ static void fire(kz_mcu_t *m, const kz_cmd_t *c, uint64_t now_us) {
     p[4] = c->diverter;
     put_u64(p + 5, (uint64_t)c->on_count);
     put_u64(p + 13, now_us);
-    send_frame(m, KZ_FIRED, p, sizeof p);
+    post_event(m, KZ_FIRED, p, sizeof p);
 }
 
 /* ------------------------------------------------------------------ queue and outcome memory */
@@ -182,7 +245,7 @@ static uint32_t cancel_all(kz_mcu_t *m, uint8_t reason) {
         for (i = 0; i < KZ_QUEUE_LIMIT; i++)
             if (m->queue[i].used && (best == NULL || m->queue[i].command_id < best->command_id)) best = &m->queue[i];
         if (best == NULL) break;
-        send_nak(m, 0, KZ_FIRE_AT, best->command_id, reason);
+        send_ended(m, best->command_id, reason);
         best->used = 0;
         n++;
     }
@@ -380,6 +443,7 @@ static void on_cancel(kz_mcu_t *m, uint8_t seq, const uint8_t *p) {
     c->used = 0;
     m->queue_depth--;
     send_ack(m, seq, KZ_CANCEL, id);
+    send_ended(m, id, KZ_NAK_CANCELLED);
     send_status(m);
 }
 
@@ -390,15 +454,17 @@ static int payload_ok(uint8_t type, const uint8_t *p, uint8_t len) {
     case KZ_FIRE_AT: return len == 15;
     case KZ_FIRE_NOW: return len == 7;
     case KZ_CANCEL: return len == 4;
-    case KZ_HEARTBEAT: return len == 8;
+    case KZ_HEARTBEAT: return len == 12;
     case KZ_IDENTIFY: return len == 0;
+    case KZ_EVENT_ACK: return len == 8;
     case KZ_HELLO: return len == 11;
     case KZ_ACK: return len == 6;
-    case KZ_NAK: return len == 7 && p[6] >= KZ_NAK_LATE && p[6] <= KZ_NAK_UNSUPPORTED;
-    case KZ_FIRED: return len == 21;
+    case KZ_NAK: return len == 7 && p[6] >= KZ_NAK_LATE && p[6] <= KZ_NAK_CANCELLED;
+    case KZ_FIRED: return len == 29;
     case KZ_ENCODER_REPORT: return len == 16;
-    case KZ_FAULT: return len == 5 && p[0] >= KZ_FAULT_WATCHDOG && p[0] <= KZ_FAULT_BAD_VERSION;
-    case KZ_STATUS: return len == 4;
+    case KZ_FAULT: return len == 13 && p[8] >= KZ_FAULT_WATCHDOG && p[8] <= KZ_FAULT_BAD_VERSION;
+    case KZ_STATUS: return len == 7;
+    case KZ_ENDED: return len == 13 && p[12] >= KZ_NAK_LATE && p[12] <= KZ_NAK_CANCELLED;
     default: return -1;
     }
 }
@@ -444,6 +510,7 @@ static void on_frame(kz_mcu_t *m, const uint8_t *body, size_t n, uint64_t now_us
     case KZ_FIRE_AT: on_fire_at(m, seq, p, count); break;
     case KZ_FIRE_NOW: on_fire_now(m, seq, p, now_us, count); break;
     case KZ_CANCEL: on_cancel(m, seq, p); break;
+    case KZ_EVENT_ACK: on_event_ack(m, p); break;
     default: send_nak(m, seq, type, 0, KZ_NAK_UNSUPPORTED); break; /* an MCU->host type sent to us */
     }
 }
@@ -476,6 +543,7 @@ static void on_chunk(kz_mcu_t *m, uint64_t now_us, int64_t count) {
 
 void kz_rx_bytes(kz_mcu_t *m, const uint8_t *data, size_t len, uint64_t now_us, int64_t count) {
     size_t i;
+    m->now_us = now_us;
     for (i = 0; i < len; i++) {
         uint8_t b = data[i];
         if (b == 0) {
@@ -545,8 +613,9 @@ static void periodic(kz_mcu_t *m, uint64_t now_us, int64_t count) {
         m->next_report_us = now_us + (uint64_t)interval_ms * 1000u; /* from now: never a stale backlog */
     }
     if (now_us >= m->next_heartbeat_us) {
-        uint8_t p[8];
+        uint8_t p[12];
         put_u64(p, now_us);
+        put_u32(p + 8, m->boot_id); /* a reset is noticed even when its Hello was lost */
         send_frame(m, KZ_HEARTBEAT, p, sizeof p);
         m->next_heartbeat_us = now_us + KZ_HEARTBEAT_PERIOD_US;
     }
@@ -554,9 +623,11 @@ static void periodic(kz_mcu_t *m, uint64_t now_us, int64_t count) {
         send_status(m);
         m->next_status_us = now_us + KZ_STATUS_PERIOD_US;
     }
+    resend_events(m, now_us);
 }
 
 void kz_poll(kz_mcu_t *m, uint64_t now_us, int64_t count) {
+    m->now_us = now_us;
     sample(m, now_us, count);
     end_pulses(m, now_us);
     fire_due(m, count, now_us);
@@ -574,12 +645,13 @@ void kz_init(kz_mcu_t *m, const kz_hal_t *hal, uint32_t boot_id, uint64_t now_us
     m->next_report_us = now_us;
     m->next_heartbeat_us = now_us;
     m->next_status_us = now_us;
+    m->now_us = now_us;
     send_hello(m);
 }
 
 void kz_set_estop(kz_mcu_t *m, int active, uint64_t now_us) {
     uint32_t n;
-    (void)now_us;
+    m->now_us = now_us;
     if ((active ? 1 : 0) == m->estop) return;
     m->estop = active ? 1 : 0;
     if (m->estop) {

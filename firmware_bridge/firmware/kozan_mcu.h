@@ -1,5 +1,5 @@
 /*
- * Kozan diverter MCU: the protocol core (firmware_bridge/PROTOCOL.md v1), portable C99.
+ * Kozan diverter MCU: the protocol core (firmware_bridge/PROTOCOL.md v2), portable C99.
  *
  * Why a "core" with no I/O of its own: the same code runs on the board (board_arduino/, with the encoder
  * ISR and the output pins) and on Linux (host_main.c, on a pseudo-terminal), so the conformance suite
@@ -21,8 +21,8 @@
 extern "C" {
 #endif
 
-#define KZ_PROTOCOL_VERSION 1u
-#define KZ_FW_VERSION 0x0100u
+#define KZ_PROTOCOL_VERSION 2u
+#define KZ_FW_VERSION 0x0200u
 
 #define KZ_HEADER_LEN 4u
 #define KZ_CRC_LEN 2u
@@ -42,6 +42,10 @@ extern "C" {
 #define KZ_STATUS_PERIOD_US 500000u
 #define KZ_DEFAULT_REPORT_INTERVAL_MS 20u
 #define KZ_DROP_SLOTS 8u
+#define KZ_EVENT_SLOTS 128u          /* unacked events: queue (64) + FireNow reports and faults */
+#define KZ_EVENT_PAYLOAD_MAX 29u     /* Fired, the longest event */
+#define KZ_EVENT_RESEND_US 50000u    /* first re-send of an unacked event; doubles per re-send ... */
+#define KZ_EVENT_RESEND_MAX_US 400000u /* ... up to this */
 
 enum kz_msg_type {
     KZ_CONFIGURE = 0x01,
@@ -50,13 +54,15 @@ enum kz_msg_type {
     KZ_CANCEL = 0x04,
     KZ_HEARTBEAT = 0x05,
     KZ_IDENTIFY = 0x06,
+    KZ_EVENT_ACK = 0x07,
     KZ_HELLO = 0x80,
     KZ_ACK = 0x81,
     KZ_NAK = 0x82,
     KZ_FIRED = 0x83,
     KZ_ENCODER_REPORT = 0x84,
     KZ_FAULT = 0x85,
-    KZ_STATUS = 0x86
+    KZ_STATUS = 0x86,
+    KZ_ENDED = 0x87
 };
 
 enum kz_nak_reason {
@@ -69,7 +75,8 @@ enum kz_nak_reason {
     KZ_NAK_ESTOP = 6,
     KZ_NAK_WATCHDOG = 7,
     KZ_NAK_NOT_QUEUED = 8,
-    KZ_NAK_UNSUPPORTED = 9
+    KZ_NAK_UNSUPPORTED = 9,
+    KZ_NAK_CANCELLED = 10 /* only in Ended */
 };
 
 enum kz_fault_code { KZ_FAULT_WATCHDOG = 1, KZ_FAULT_ESTOP = 2, KZ_FAULT_BAD_VERSION = 3 };
@@ -113,6 +120,16 @@ typedef struct {
     int64_t count;
 } kz_sample_t;
 
+/* An event (Fired, Ended, Fault) sent and kept until the host acks its event_seq (PROTOCOL.md §6a). */
+typedef struct {
+    uint32_t event_seq;
+    uint64_t next_tx_us;
+    uint32_t interval_us;
+    uint8_t type;
+    uint8_t len;
+    uint8_t payload[KZ_EVENT_PAYLOAD_MAX];
+} kz_event_t;
+
 typedef struct kz_mcu {
     kz_hal_t hal;
     uint32_t boot_id;
@@ -137,6 +154,13 @@ typedef struct kz_mcu {
     uint64_t next_report_us;
     uint64_t next_heartbeat_us;
     uint64_t next_status_us;
+    /* unacked events, oldest first: a ring of event_count entries starting at event_head */
+    kz_event_t events[KZ_EVENT_SLOTS];
+    uint16_t event_head;
+    uint16_t event_count;
+    uint32_t event_seq; /* last event number used this boot */
+    uint16_t events_dropped; /* evicted unacked from a full ring (saturates) */
+    uint64_t now_us; /* MCU time of the call in progress (stamps events) */
     /* receive path */
     uint8_t rx_buf[KZ_MAX_ENCODED];
     uint16_t rx_len;
@@ -154,6 +178,8 @@ typedef struct kz_mcu {
     uint32_t fired;
     uint32_t naks;
     uint32_t watchdog_trips;
+    uint32_t faults;
+    uint32_t event_resends;
 } kz_mcu_t;
 
 /* Power-on: everything forgotten except the e-stop input level; sends Hello(config_crc = 0).

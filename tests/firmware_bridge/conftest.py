@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -193,6 +193,11 @@ class SimMcu:
     def counts_per_s(self) -> float:
         return self.sim.counts_per_s()
 
+    @property
+    def events_pending(self) -> int:
+        self.sync()
+        return self.sim.events_pending
+
     def stop(self) -> None:
         self.sim.stop()
 
@@ -251,6 +256,11 @@ class CCoreMcu:
     def counts_per_s(self) -> float:
         st = self.fw.state()
         return st["rate_dc"] * 1e6 / st["rate_dt"] if st["rate_dt"] > 0 else 0.0
+
+    @property
+    def events_pending(self) -> int:
+        self.sync()
+        return self.fw.state()["events_pending"]
 
     def stop(self) -> None:
         self.fw.stop()
@@ -315,3 +325,13 @@ def mcu_factory(request: pytest.FixtureRequest) -> Callable[[str], SimMcu | CCor
         return CCoreMcu(request.getfixturevalue("c_core_binary"))
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault campaign's counts (faults injected by kind, violations) whenever it ran."""
+    import sys
+
+    mod = next((m for name, m in list(sys.modules.items()) if name.endswith("test_fault_campaign")), None)
+    if mod is not None and getattr(mod, "REPORT", None):
+        terminalreporter.section("fault campaign")
+        terminalreporter.write_line(mod.summary())

@@ -57,7 +57,7 @@ def wait_until(predicate, timeout: float = 1.0, what: str = "condition") -> None
 def test_handshake_and_configure(linked) -> None:
     mcu, link, log = linked
     assert link.hello is not None and link.hello.boot_id == mcu.boot_id
-    assert link.hello.protocol_version == 1 and link.hello.config_crc == 0
+    assert link.hello.protocol_version == 2 and link.hello.config_crc == 0
     assert not mcu.configured
     link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
     assert mcu.configured
@@ -178,11 +178,12 @@ def test_lost_frame_is_retransmitted_and_fires_once(ready) -> None:
 
 def test_unanswered_command_times_out(ready) -> None:
     mcu, link, log = ready
-    mcu.drop_rx(MsgType.FIRE_AT, 10)
+    mcu.drop_rx(MsgType.FIRE_AT, 1000)
     link.fire_at(10, 0, belt_count=500, pulse_ms=30)
     assert link.wait_settled(2.0)
     ev = log.wait_for(lambda e: isinstance(e, CommandTimeoutEvent))
     assert (ev.command_id, ev.attempts) == (10, 4)
+    assert not link.wait_resolved(0.1) and link.health()["unresolved"] == 1  # still being asked
     mcu.advance(600)
     assert mcu.shots() == []
 
@@ -221,15 +222,15 @@ def test_unknown_diverter(ready) -> None:
 
 def test_unknown_message_type_and_bad_payload_and_bad_version(ready) -> None:
     mcu, link, log = ready
-    link._ser.write(encode_frame(Frame(1, 200, 0x07, b"")))  # no such message
-    ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == 0x07)
+    link._ser.write(encode_frame(Frame(2, 200, 0x09, b"")))  # no such message
+    ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == 0x09)
     assert ev.reason == NakReason.UNSUPPORTED
-    link._ser.write(encode_frame(Frame(1, 201, int(MsgType.CANCEL), b"\x01\x02")))  # 2 bytes, needs 4
+    link._ser.write(encode_frame(Frame(2, 201, int(MsgType.CANCEL), b"\x01\x02")))  # 2 bytes, needs 4
     ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == MsgType.CANCEL)
     assert ev.reason == NakReason.BAD_PARAMS
-    link._ser.write(encode_frame(Frame(2, 202, int(MsgType.HEARTBEAT), bytes(8))))  # protocol v2
+    link._ser.write(encode_frame(Frame(1, 202, int(MsgType.HEARTBEAT), bytes(8))))  # protocol v1
     fault = log.wait_for(lambda e: isinstance(e, FaultEvent))
-    assert (fault.code, fault.detail) == (FaultCode.BAD_VERSION, 2)
+    assert (fault.code, fault.detail) == (FaultCode.BAD_VERSION, 1)
 
 
 def test_cancel(ready) -> None:
@@ -270,6 +271,73 @@ def test_new_configuration_ends_queued_commands(ready) -> None:
     log.wait_for(nak_for(45, NakReason.NOT_CONFIGURED))
     assert mcu.queue_depth == 0
     mcu.advance(600)
+    assert mcu.shots() == []
+
+
+# ------------------------------------------------------------------------------------------- events (v2)
+def test_fired_is_resent_until_acked_and_told_once(ready) -> None:
+    """PROTOCOL.md §6a: the MCU re-sends an event until the host's EventAck arrives; the host acks every
+    copy and tells the station once."""
+    mcu, link, log = ready
+    mcu.drop_rx(MsgType.EVENT_ACK, 2)  # the host's first two acks are lost
+    link.fire_at(11, 1, belt_count=40, pulse_ms=10)
+    assert link.wait_settled(1.0)
+    mcu.advance(20)  # count 40: fires
+    log.wait_for(lambda e: isinstance(e, FiredEvent) and e.command_id == 11)
+    for _ in range(2):  # re-sent after 50 ms, then 100 ms of MCU time
+        time.sleep(0.05)  # the host's (dropped) ack reaches the MCU first
+        mcu.advance(100)
+    wait_until(lambda: link.health()["event_dups"] >= 2, what="two re-sent copies of Fired")
+    wait_until(lambda: mcu.events_pending == 0, what="the third ack to clear the MCU's event buffer")
+    dups = link.health()["event_dups"]
+    mcu.advance(1000)
+    time.sleep(0.05)
+    mcu.sync()
+    assert link.health()["event_dups"] == dups, "re-sent after it was acked"
+    assert len([e for e in log.of_type(FiredEvent) if e.command_id == 11]) == 1
+    assert [s.command_id for s in mcu.shots()] == [11]
+
+
+def test_cancel_is_one_outcome(ready) -> None:
+    """The Cancel's Ack and the Ended(CANCELLED) event are one outcome: told once."""
+    mcu, link, log = ready
+    link.fire_at(12, 0, 500, 10)
+    assert link.wait_settled(1.0)
+    link.cancel(12)
+    log.wait_for(ack_for(12, MsgType.CANCEL))
+    wait_until(lambda: mcu.events_pending == 0, what="Ended(CANCELLED) acked")
+    assert link.wait_resolved(1.0)
+    assert len([e for e in log.of_type(AckEvent) if e.command_id == 12 and e.msg_type == MsgType.CANCEL]) == 1
+    mcu.advance(600)
+    assert mcu.shots() == []
+
+
+def test_timed_out_command_is_resolved_later(ready) -> None:
+    """A command whose copies are all lost is reported timed out, then re-sent until the MCU answers it:
+    its final outcome is always learnt (here: accepted and fired at its count)."""
+    mcu, link, log = ready
+    mcu.drop_rx(MsgType.FIRE_AT, 5)  # the first send and 3 retries, and one resolving re-send
+    link.fire_at(13, 1, belt_count=2000, pulse_ms=10)
+    assert link.wait_settled(2.0)
+    log.wait_for(lambda e: isinstance(e, CommandTimeoutEvent) and e.command_id == 13)
+    log.wait_for(ack_for(13), timeout=2.0)
+    assert link.health()["resolved_after_timeout"] == 1
+    mcu.advance(2000)
+    log.wait_for(lambda e: isinstance(e, FiredEvent) and e.command_id == 13)
+    assert link.wait_resolved(1.0)
+    assert [(s.command_id, s.on_count) for s in mcu.shots()] == [(13, 2000)]
+
+
+def test_timed_out_command_past_its_count_is_naked_late(ready) -> None:
+    mcu, link, log = ready
+    mcu.drop_rx(MsgType.FIRE_AT, 4)
+    link.fire_at(14, 1, belt_count=60, pulse_ms=10)
+    assert link.wait_settled(2.0)
+    log.wait_for(lambda e: isinstance(e, CommandTimeoutEvent) and e.command_id == 14)
+    mcu.advance(100)  # the belt passes count 60 before the MCU ever sees the command
+    log.wait_for(nak_for(14, NakReason.LATE), timeout=2.0)
+    assert link.wait_resolved(1.0)
+    mcu.advance(100)
     assert mcu.shots() == []
 
 

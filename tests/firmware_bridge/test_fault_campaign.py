@@ -5,20 +5,23 @@ Topology (all real pseudo-terminals)::
     DiverterLink ── pty B ── FaultProxy ── pty A ── MCU (Python simulator | C core host build)
 
 The proxy corrupts the byte stream in both directions (garbage inserted, bits flipped, bytes dropped,
-duplicated and delayed), blacks the line out (cable pulled), and the driver closes and re-opens the host
-port and power-cycles the MCU mid-run. Hypothesis draws the mix. The belt runs at 1000 counts/s in a
-manual world stepped in lockstep with wall time, so the MCU's watchdog sees realistic silences.
+duplicated and delayed) and blacks the line out (cable pulled); the driver re-opens the host port
+(``DiverterLink.reopen``), power-cycles the MCU and presses its e-stop mid-run. Hypothesis draws the mix.
+The belt runs at 1000 counts/s in a manual world stepped in lockstep with wall time, so the MCU's watchdog
+sees realistic silences.
 
-What must hold is asserted from the world's actuation log (ground truth), never from what the host
-believes:
+What must hold is counted, then asserted, from the world's actuation log (ground truth), never from what
+the host believes:
   * no wrong fire: every actuation belongs to a command the host sent, on its diverter, at its
-    latency-compensated count;
+    latency-compensated count, with its pulse;
   * no duplicate fire: a command id actuates at most once;
   * no late fire: an output switches on in the first service pass at or after its on_count, and a command
     whose count had already passed when it was sent never fires;
-  * accounting: every command got an answer the host can act on (ack, then fired / cancelled / lost;
-    or NAK; or timeout), and nothing is left in the MCU queue once every count has passed. A NAK (other
-    than NOT_QUEUED for a cancel) means it never fires.
+  * every command's final outcome reaches the host, exactly once, and is true: Fired (at the count the
+    world saw), a Nak or an MCU cancellation (never fired), the Cancel acked (never fired), or lost in an
+    MCU reset (never fires after it); a timeout is only ever an interim report. Nothing is left queued;
+  * the station is told of every fault: every Fault the MCU raised reaches the host exactly once (a reset
+    takes its unacknowledged ones with it, and the reset itself is told).
 
 Fault and outcome counts are summed per implementation and written as JSON to $KOZAN_FAULT_REPORT;
 $KOZAN_FAULT_EXAMPLES (default 8) sets the examples per implementation for a longer soak.
@@ -201,7 +204,6 @@ class Sent:
     belt_count: int
     pulse_ms: int
     count_at_send: int
-    link_generation: int
 
 
 @dataclass
@@ -209,7 +211,6 @@ class Story:
     """Everything the host was told about one command."""
 
     events: list[Any] = field(default_factory=list)
-    abandoned: bool = False  # the host port was closed while it was still unanswered
 
 
 def scenario() -> st.SearchStrategy[dict[str, Any]]:
@@ -219,7 +220,7 @@ def scenario() -> st.SearchStrategy[dict[str, Any]]:
         st.integers(1, 40),  # pulse_ms
         st.booleans(),  # cancel it a little later
     )
-    event = st.tuples(st.integers(5, RUN_STEPS - 5), st.sampled_from(["reset", "blackout", "reconnect"]),
+    event = st.tuples(st.integers(5, RUN_STEPS - 5), st.sampled_from(["reset", "blackout", "reconnect", "estop"]),
                       st.floats(0.02, 0.4))
     return st.fixed_dictionaries({
         "seed": st.integers(0, 2**32 - 1),
@@ -229,40 +230,50 @@ def scenario() -> st.SearchStrategy[dict[str, Any]]:
     })
 
 
+def mcu_faults(mcu: Any) -> int:
+    """Faults the MCU raised (ground truth, summed over its boots)."""
+    if hasattr(mcu, "sim"):
+        return int(mcu.sim.stats["faults"])
+    return int(mcu.fw.state()["faults"])
+
+
 def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
     rng = random.Random(plan["seed"])
     proxy = FaultProxy(mcu.slave_path, rng, {k: 0.0 for k in FAULT_KINDS}, counts)
-    links: list[DiverterLink] = []
     stories: dict[int, Story] = {}
     sent: dict[int, Sent] = {}
-    resets_done = 0
+    faults_told: list[FaultEvent] = []
+    resets_told: list[ResetEvent] = []
+    reset_counts: list[int] = []  # belt count at each MCU reset
+    link = DiverterLink(proxy.slave_path)
     try:
-        link = DiverterLink(proxy.slave_path)
         link.open(timeout=3.0)
-        links.append(link)
         link.configure(0.5, DIVERTERS, watchdog_ms=250, timeout=3.0)
         mcu.advance(STEP_COUNTS, STEP_US)
         mcu.advance(STEP_COUNTS, STEP_US)
+        faults_before = mcu_faults(mcu)
         proxy.set_rates(plan["rates"])
         for kind, rate in plan["rates"].items():
             counts[f"rate_{kind}_{rate}"] += 1
 
         def drain() -> None:
-            for lk in links:
-                for ev in lk.poll_events():
-                    cid = getattr(ev, "command_id", None)
-                    if isinstance(ev, ResetEvent):
-                        for lost in ev.lost_command_ids:
-                            stories.setdefault(lost, Story()).events.append(ev)
-                    elif cid is not None and cid in sent:
-                        stories.setdefault(cid, Story()).events.append(ev)
-                    elif isinstance(ev, FaultEvent):
-                        counts[f"mcu_fault_{ev.code.name}"] += 1
+            for ev in link.poll_events():
+                cid = getattr(ev, "command_id", None)
+                if isinstance(ev, ResetEvent):
+                    resets_told.append(ev)
+                    for lost in ev.lost_command_ids:
+                        stories.setdefault(lost, Story()).events.append(ev)
+                elif isinstance(ev, FaultEvent):
+                    faults_told.append(ev)
+                    counts[f"host_told_fault_{ev.code.name}"] += 1
+                elif cid is not None and cid in sent:
+                    stories.setdefault(cid, Story()).events.append(ev)
 
         commands = list(plan["commands"])
         send_at = {int(i * (RUN_STEPS - 40) / len(commands)) + 2: c for i, c in enumerate(commands)}
-        events = {step: (kind, arg) for step, kind, arg in plan["events"]}
+        events: dict[int, tuple[str, float]] = {step: (kind, arg) for step, kind, arg in plan["events"]}
         cancels: dict[int, int] = {}
+        estop_release: set[int] = set()
         next_id = 1
         t_next = time.monotonic()
         for step in range(RUN_STEPS):
@@ -270,34 +281,32 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
                 diverter, ahead, pulse, cancel = send_at[step]
                 cid = next_id
                 next_id += 1
-                sent[cid] = Sent(cid, diverter, mcu.count + ahead, pulse, mcu.count, len(links))
-                links[-1].fire_at(cid, diverter, mcu.count + ahead, pulse)
+                sent[cid] = Sent(cid, diverter, mcu.count + ahead, pulse, mcu.count)
+                link.fire_at(cid, diverter, mcu.count + ahead, pulse)
                 if cancel:
                     cancels[step + 8] = cid
             if step in cancels:
-                links[-1].cancel(cancels[step])
+                link.cancel(cancels[step])
                 counts["cancels_sent"] += 1
+            if step in estop_release:
+                mcu.set_estop(False)
             if step in events:
                 kind, arg = events[step]
                 if kind == "reset":
+                    reset_counts.append(mcu.count)
                     mcu.reset()
-                    resets_done += 1
                     counts["fault_mcu_reset"] += 1
                 elif kind == "blackout":
                     proxy.blackout(arg)
+                elif kind == "estop":  # pressed for `arg` seconds of belt time
+                    counts["fault_estop"] += 1
+                    mcu.set_estop(True)
+                    estop_release.add(min(RUN_STEPS - 1, step + max(1, int(arg * 1e6 / STEP_US))))
                 else:  # close the host port and open it again, as after a USB re-enumeration
                     counts["fault_port_reconnect"] += 1
                     drain()
-                    old = links[-1]
-                    with old._state:
-                        for cid in old._pending:
-                            stories.setdefault(cid, Story()).abandoned = True
-                    old.close()
                     time.sleep(min(arg, 0.1))
-                    new = DiverterLink(proxy.slave_path)
-                    new.open(timeout=3.0)
-                    new.configure(0.5, DIVERTERS, watchdog_ms=250, timeout=3.0)
-                    links.append(new)
+                    link.reopen(timeout=3.0)
             mcu.advance(STEP_COUNTS, STEP_US)
             drain()
             t_next += STEP_US / 1e6
@@ -306,8 +315,9 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
                 time.sleep(delay)
             else:
                 t_next = time.monotonic()
+        mcu.set_estop(False)
 
-        # Settle on a clean line: every command's count passes, every answer arrives.
+        # Settle on a clean line: every command's count passes, every answer and event arrives.
         proxy.set_rates({k: 0.0 for k in FAULT_KINDS})
         proxy.blackout(0.0)
         counts["fault_disconnect"] -= 1  # the call above only ends a blackout
@@ -315,85 +325,108 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
         for _ in range(70):
             mcu.advance(STEP_COUNTS, STEP_US)
             time.sleep(0.004)
-        assert links[-1].wait_settled(3.0)
-        time.sleep(0.1)
-        mcu.sync()
+        deadline = time.monotonic() + 5.0
+        while not link.wait_resolved(0.05):  # keep the MCU clock moving: events are re-sent on it
+            assert time.monotonic() < deadline, f"commands without a final outcome: {link.health()}"
+            mcu.advance(STEP_COUNTS, STEP_US)
+        while mcu.events_pending:  # every event the MCU raised has been acked by the host
+            assert time.monotonic() < deadline, f"{mcu.events_pending} MCU events never acked: {link.health()}"
+            mcu.advance(STEP_COUNTS, 20_000)  # events are re-sent on the MCU clock
+            time.sleep(0.01)
+        time.sleep(0.05)
         drain()
         final_queue = mcu.queue_depth
+        faults_raised = mcu_faults(mcu) - faults_before
+        health = link.health()
     finally:
-        for lk in links:
-            lk.close()
+        link.close()
         proxy.stop()
 
+    counts["mcu_faults_raised"] += faults_raised
+    counts["link_retries"] += health["retries"]
+    counts["link_timeouts"] += health["timeouts"]
+    counts["link_resolved_after_timeout"] += health["resolved_after_timeout"]
+    counts["link_event_dups"] += health["event_dups"]
+    counts["link_resyncs"] += health["resyncs"]
     clean = not plan["events"] and not any(plan["rates"].values())
-    judge(mcu.shots(), sent, stories, final_queue, resets_done, counts, clean)
+    judge(mcu.shots(), sent, stories, final_queue, reset_counts, counts, clean)
+    # The station is told of every fault: each MCU fault exactly once (a reset takes unacked ones with it,
+    # and the reset itself is told), and of every reset.
+    assert len(faults_told) <= faults_raised, f"told {len(faults_told)} faults, the MCU raised {faults_raised}"
+    if not reset_counts:
+        assert len(faults_told) == faults_raised, (
+            f"the MCU raised {faults_raised} faults, the host was told of {len(faults_told)}: {faults_told}")
+    else:
+        assert 1 <= len(resets_told) <= len(reset_counts), f"{len(reset_counts)} resets, told {resets_told}"
+    counts["host_told_resets"] += len(resets_told)
 
 
 def judge(shots: list[Any], sent: dict[int, Sent], stories: dict[int, Story], final_queue: int,
-          resets_done: int, counts: Counter[str], clean: bool) -> None:
-    """The ground-truth properties (module docstring), and the outcome counts for the report."""
-    fired_ids = [s.command_id for s in shots]
-    assert len(fired_ids) == len(set(fired_ids)), f"duplicate fire: {sorted(fired_ids)}"
+          reset_counts: list[int], counts: Counter[str], clean: bool) -> None:
+    """The ground-truth properties (module docstring), counted first and then asserted."""
+    problems: dict[str, list[str]] = {"wrong_fire": [], "duplicate_fire": [], "late_fire": [],
+                                      "outcome_unknown": [], "outcome_wrong": []}
+    fired_ids = Counter(s.command_id for s in shots)
+    for cid, n in fired_ids.items():
+        if n > 1:
+            problems["duplicate_fire"].append(f"command {cid} fired {n} times")
     for shot in shots:
         cmd = sent.get(shot.command_id)
-        assert cmd is not None, f"phantom fire of a command the host never sent: {shot}"
-        assert shot.diverter == cmd.diverter, f"wrong diverter: {shot} for {cmd}"
+        if cmd is None:
+            problems["wrong_fire"].append(f"phantom fire of a command the host never sent: {shot}")
+            continue
         allowed = {cmd.belt_count - LATENCY_COUNTS[cmd.diverter]}
-        if resets_done:  # right after a reset the MCU has no speed yet: no compensation (PROTOCOL.md §5)
+        if reset_counts:  # right after a reset the MCU has no speed yet: no compensation (PROTOCOL.md §5)
             allowed.add(cmd.belt_count)
-        assert shot.on_count in allowed, f"wrong count: {shot} for {cmd} (allowed {allowed})"
-        assert shot.on_count > cmd.count_at_send, f"late fire: {shot} for {cmd} (belt was past it when sent)"
-        assert 0 <= shot.count_when_called - shot.on_count < STEP_COUNTS, f"fired late: {shot}"
-        assert shot.pulse_ms == cmd.pulse_ms
-    assert final_queue == 0, f"{final_queue} command(s) still queued on the MCU after every count passed"
+        if shot.diverter != cmd.diverter or shot.on_count not in allowed or shot.pulse_ms != cmd.pulse_ms:
+            problems["wrong_fire"].append(f"{shot} for {cmd} (allowed counts {allowed})")
+        if shot.on_count <= cmd.count_at_send or not 0 <= shot.count_when_called - shot.on_count < STEP_COUNTS:
+            problems["late_fire"].append(f"{shot} for {cmd}")
 
     by_id = {s.command_id: s for s in shots}
     for cid, cmd in sent.items():
-        story = stories.get(cid, Story())
-        evs = story.events
-        naks = [e for e in evs if isinstance(e, NakEvent) and e.reason != NakReason.NOT_QUEUED]
-        acked = any(isinstance(e, AckEvent) and e.msg_type == MsgType.FIRE_AT for e in evs)
-        fired_ev = [e for e in evs if isinstance(e, FiredEvent)]
-        timed_out = any(isinstance(e, CommandTimeoutEvent) for e in evs)
-        lost = any(isinstance(e, ResetEvent) for e in evs)
-        cancelled = any(isinstance(e, AckEvent) and e.msg_type == MsgType.CANCEL for e in evs)
+        evs = stories.get(cid, Story()).events
+        finals = []
+        for e in evs:
+            if isinstance(e, FiredEvent):
+                finals.append("fired")
+            elif isinstance(e, NakEvent) and e.msg_type == MsgType.FIRE_AT:
+                finals.append(f"nak_{e.reason.name}")
+            elif isinstance(e, AckEvent) and e.msg_type == MsgType.CANCEL:
+                finals.append("cancelled")
+            elif isinstance(e, ResetEvent):
+                finals.append("lost_in_reset")
         shot = by_id.get(cid)
-        assert acked or naks or fired_ev or timed_out or lost or story.abandoned, (
-            f"command {cid} ({cmd}) got no answer at all: {evs}"
-        )
-        for fe in fired_ev:
-            assert shot is not None and fe.actual_count == shot.on_count, (
-                f"host told Fired for {cid} at {fe.actual_count}, the world saw {shot}"
-            )
-        if naks and not acked:
-            assert shot is None, f"command {cid} was NAKed ({naks[0].reason.name}) but fired: {shot}"
-        if cancelled:
-            assert shot is None, f"command {cid} fired after its Cancel was acked: {shot}"
-        if cmd.belt_count <= cmd.count_at_send:
-            assert shot is None
-        # outcome tally (ground truth first, then what the host knew)
-        if shot is not None:
-            counts["outcome_fired"] += 1
-            counts["host_knew_fired" if fired_ev else "fired_host_not_told"] += 1
-        elif naks:
-            counts[f"outcome_nak_{naks[-1].reason.name}"] += 1
-        elif cancelled:
-            counts["outcome_cancelled"] += 1
-        elif timed_out:
-            counts["outcome_timeout_not_fired"] += 1
-        elif lost:
-            counts["outcome_lost_in_reset"] += 1
-        elif story.abandoned:
-            counts["outcome_abandoned_at_reconnect"] += 1
-        else:
-            counts["outcome_acked_then_silent_not_fired"] += 1
-        if timed_out and shot is not None:
-            counts["timeout_but_fired"] += 1
-        if clean:  # no fault at all: the host's view must be complete and exact
-            assert acked or naks, f"clean line: command {cid} unanswered: {evs}"
-            assert (shot is not None) == bool(fired_ev), f"clean line: {cid} fired={shot}, host told {fired_ev}"
-            assert shot is not None or naks or cancelled, f"clean line: {cid} neither fired nor ended: {evs}"
+        timed_out = any(isinstance(e, CommandTimeoutEvent) for e in evs)
+        if len(finals) != 1:
+            problems["outcome_unknown" if not finals else "outcome_wrong"].append(
+                f"command {cid} ({cmd}): final outcomes {finals}, events {evs}")
+            continue
+        final = finals[0]
+        counts[f"outcome_{final}"] += 1
+        if timed_out:
+            counts["timed_out_then_" + ("fired" if final == "fired" else "ended")] += 1
+        if final == "fired":
+            fe = next(e for e in evs if isinstance(e, FiredEvent))
+            if shot is None or fe.actual_count != shot.on_count:
+                problems["outcome_wrong"].append(f"host told Fired for {cid} at {fe.actual_count}, world saw {shot}")
+        elif final == "lost_in_reset":
+            # "lost" = will not fire from now on; it may have fired before the reset (its Fired unacked)
+            if shot is not None:
+                counts["lost_in_reset_had_fired_before"] += 1
+                if shot.count_when_called > max(reset_counts):
+                    problems["outcome_wrong"].append(f"{cid} reported lost in a reset but fired after it: {shot}")
+        elif shot is not None:
+            problems["outcome_wrong"].append(f"command {cid} ended ({final}) but fired: {shot}")
+        if cmd.belt_count <= cmd.count_at_send and shot is not None:
+            problems["late_fire"].append(f"command {cid} sent after its count passed, yet fired: {shot}")
+        if clean:  # no fault at all: nothing times out, nothing is lost
+            assert not timed_out and final != "lost_in_reset", f"clean line: {cid}: {evs}"
     counts["commands"] += len(sent)
+    for name, found in problems.items():
+        counts[name] += len(found)
+    assert final_queue == 0, f"{final_queue} command(s) still queued on the MCU after every count passed"
+    assert not any(problems.values()), {k: v for k, v in problems.items() if v}
 
 
 def write_report() -> None:
@@ -401,6 +434,27 @@ def write_report() -> None:
     if path:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump({k: dict(sorted(v.items())) for k, v in REPORT.items()}, fh, indent=2)
+
+
+def summary() -> str:
+    """One line per implementation: faults injected by kind, and the properties' violation counts."""
+    lines = []
+    for kind, c in REPORT.items():
+        injected: Counter[str] = Counter()
+        for key, n in c.items():
+            if key.startswith("fault_") and n:
+                name = key[len("fault_"):]
+                for d in ("_to_mcu", "_to_host"):
+                    name = name.removesuffix(d)
+                injected[name] += n
+        lines.append(
+            f"{kind}: {c['examples']} examples, {c['commands']} commands; faults injected "
+            + ", ".join(f"{k}={v}" for k, v in sorted(injected.items()))
+            + f"; wrong fires {c['wrong_fire']}, duplicate fires {c['duplicate_fire']}, late fires "
+            f"{c['late_fire']}, outcomes unknown {c['outcome_unknown']}, wrong {c['outcome_wrong']}; "
+            f"MCU faults {c['mcu_faults_raised']}, told {sum(v for k, v in c.items() if k.startswith('host_told_fault_'))}"
+        )
+    return "\n".join(lines)
 
 
 @pytest.mark.parametrize("kind", ["python-sim", "c-core"])
@@ -451,6 +505,91 @@ def test_command_unanswered_across_a_reset_is_lost_not_resent(kind: str, mcu_fac
 
 
 @pytest.mark.parametrize("kind", ["python-sim", "c-core"])
+def test_reports_lost_on_the_line_still_reach_the_host(kind: str, mcu_factory) -> None:
+    """The v1 gap, pinned: Fired, the MCU's cancellations and its Fault were sent once, so a noisy line
+    hid them from the host. Now they are events, re-sent until acked (PROTOCOL.md §6a)."""
+    counts: Counter[str] = Counter()
+    mcu = mcu_factory(kind)
+    proxy = FaultProxy(mcu.slave_path, random.Random(2), {k: 0.0 for k in FAULT_KINDS}, counts)
+    link = DiverterLink(proxy.slave_path)
+    try:
+        link.open(timeout=3.0)
+        link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+        mcu.advance(STEP_COUNTS, STEP_US)
+        mcu.advance(STEP_COUNTS, STEP_US)
+        start = mcu.count
+        link.fire_at(1, 1, start + 10, 10)
+        link.fire_at(2, 0, start + 500, 10)
+        assert link.wait_settled(2.0)
+        proxy.mute_to_host = True  # everything the MCU says from now on is lost
+        mcu.advance(10, 10_000)  # command 1 fires; its Fired is lost
+        mcu.set_estop(True)  # command 2 is cancelled, and the Fault raised: both lost
+        time.sleep(0.05)
+        proxy.mute_to_host = False
+        seen: list[Any] = []
+        deadline = time.monotonic() + 3.0
+        while not (any(isinstance(e, FiredEvent) for e in seen) and any(isinstance(e, NakEvent) for e in seen)
+                   and any(isinstance(e, FaultEvent) for e in seen)):
+            assert time.monotonic() < deadline, f"reports never arrived: {seen}"
+            mcu.advance(0, 20_000)  # MCU time runs: the events are re-sent
+            time.sleep(0.01)
+            seen += link.poll_events()
+        assert link.wait_resolved(1.0)
+        for _ in range(30):  # plenty of further re-send opportunities: told once each all the same
+            mcu.advance(0, 50_000)
+        time.sleep(0.1)
+        seen += link.poll_events()
+        assert [(e.command_id, e.actual_count) for e in seen if isinstance(e, FiredEvent)] == [(1, start + 10)]
+        assert [(e.command_id, e.reason) for e in seen if isinstance(e, NakEvent)] == [(2, NakReason.ESTOP)]
+        assert [(e.code.name, e.detail) for e in seen if isinstance(e, FaultEvent)] == [("ESTOP", 1)]
+        assert mcu.events_pending == 0
+    finally:
+        link.close()
+        proxy.stop()
+        mcu.stop()
+
+
+@pytest.mark.parametrize("kind", ["python-sim", "c-core"])
+def test_reset_noticed_when_its_hello_is_lost(kind: str, mcu_factory) -> None:
+    """v1 never noticed a reset whose Hello was lost: the MCU stayed unconfigured. Its Heartbeat now
+    carries the boot id."""
+    counts: Counter[str] = Counter()
+    mcu = mcu_factory(kind)
+    proxy = FaultProxy(mcu.slave_path, random.Random(3), {k: 0.0 for k in FAULT_KINDS}, counts)
+    link = DiverterLink(proxy.slave_path)
+    try:
+        link.open(timeout=3.0)
+        link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+        link.fire_at(1, 0, mcu.count + 500, 10)
+        assert link.wait_settled(2.0)
+        proxy.mute_to_host = True
+        mcu.reset()  # its Hello is lost
+        time.sleep(0.05)
+        proxy.mute_to_host = False
+        ev = None
+        deadline = time.monotonic() + 3.0
+        while ev is None:
+            assert time.monotonic() < deadline, "reset never noticed"
+            mcu.advance(STEP_COUNTS, 20_000)  # heartbeats every 100 ms of MCU time
+            time.sleep(0.01)
+            ev = next((e for e in link.poll_events() if isinstance(e, ResetEvent)), None)
+        assert ev.boot_id == mcu.boot_id and ev.lost_command_ids == (1,)
+        wait_until_true(lambda: mcu.configured, "re-Configure after the unannounced reset")
+        wait_until_true(lambda: link.hello is not None and link.hello.boot_id == mcu.boot_id, "the new Hello")
+    finally:
+        link.close()
+        proxy.stop()
+        mcu.stop()
+
+
+def wait_until_true(pred: Any, what: str, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["python-sim", "c-core"])
 def test_fault_campaign(kind: str, mcu_factory) -> None:
     counts = REPORT.setdefault(kind, Counter())
 
@@ -469,3 +608,4 @@ def test_fault_campaign(kind: str, mcu_factory) -> None:
         campaign()
     finally:
         write_report()
+        print(summary())

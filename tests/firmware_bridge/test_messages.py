@@ -13,6 +13,8 @@ from firmware_bridge.messages import (
     Configure,
     DiverterSetup,
     EncoderReport,
+    Ended,
+    EventAck,
     Fault,
     FaultCode,
     FireAt,
@@ -50,15 +52,18 @@ messages = st.one_of(
     st.builds(FireAt, command_id=u32, diverter=u8, belt_count=i64, pulse_ms=u16),
     st.builds(FireNow, command_id=u32, diverter=u8, pulse_ms=u16),
     st.builds(Cancel, command_id=u32),
-    st.builds(Heartbeat, mcu_time_us=u64),
+    st.builds(Heartbeat, mcu_time_us=u64, boot_id=u32),
     st.just(Identify()),
+    st.builds(EventAck, boot_id=u32, event_seq=u32),
     st.builds(Hello, boot_id=u32, fw_version=u16, protocol_version=u8, config_crc=u32),
     st.builds(Ack, seq=u8, msg_type=u8, command_id=u32),
     st.builds(Nak, seq=u8, msg_type=u8, command_id=u32, reason=st.sampled_from(NakReason)),
-    st.builds(Fired, command_id=u32, diverter=u8, actual_count=i64, mcu_time_us=u64),
+    st.builds(Fired, boot_id=u32, event_seq=u32, command_id=u32, diverter=u8, actual_count=i64, mcu_time_us=u64),
+    st.builds(Ended, boot_id=u32, event_seq=u32, command_id=u32, reason=st.sampled_from(NakReason)),
     st.builds(EncoderReport, count=i64, mcu_time_us=u64),
-    st.builds(Fault, code=st.sampled_from(FaultCode), detail=u32),
-    st.builds(Status, queue_depth=u8, estop=st.booleans(), configured=st.booleans(), watchdog_tripped=st.booleans()),
+    st.builds(Fault, boot_id=u32, event_seq=u32, code=st.sampled_from(FaultCode), detail=u32),
+    st.builds(Status, queue_depth=u8, estop=st.booleans(), configured=st.booleans(), watchdog_tripped=st.booleans(),
+              events_pending=u8, events_dropped=u16),
 )
 
 
@@ -76,20 +81,20 @@ def test_payload_round_trip(msg) -> None:
 
 def test_unknown_type_is_a_clear_error() -> None:
     with pytest.raises(UnknownMessageType, match="unknown message type 0x7f"):
-        decode_message(Frame(1, 3, 0x7F, b""))
+        decode_message(Frame(2, 3, 0x7F, b""))
 
 
 def test_wrong_version_is_refused() -> None:
-    with pytest.raises(ProtocolVersionMismatch, match="protocol version 2"):
-        decode_message(Frame(2, 0, 0x05, bytes(8)))
+    with pytest.raises(ProtocolVersionMismatch, match="protocol version 1, this side speaks 2"):
+        decode_message(Frame(1, 0, 0x05, bytes(8)))
 
 
 def test_wrong_payload_length_is_refused() -> None:
     with pytest.raises(ProtocolError, match="must be 15 bytes"):
-        decode_message(Frame(1, 0, 0x02, bytes(14)))
+        decode_message(Frame(2, 0, 0x02, bytes(14)))
     with pytest.raises(ProtocolError, match="announces 2 diverters"):
         head = Configure(1.0, ()).encode_payload()  # 9 bytes, last one is the diverter count
-        decode_message(Frame(1, 0, 0x01, head[:-1] + b"\x02"))
+        decode_message(Frame(2, 0, 0x01, head[:-1] + b"\x02"))
 
 
 def test_unknown_enum_value_is_refused() -> None:
