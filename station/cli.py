@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
     __import__("calibration.cli").cli.add_calibrate_commands(sub)   # kozan calibrate ...
+    __import__("station.plant.cli").plant.cli.add_plant_commands(sub)   # kozan plant (aggregator)
     return p
 
 

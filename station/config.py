@@ -244,6 +244,42 @@ class CaptureConfig(_Section):
     seed: int = Field(0, description="random sample seed (deterministic sims)")
 
 
+class MqttConfig(_Section):
+    enabled: bool = Field(False, description="publish items, counters and health to the plant's MQTT broker")
+    host: str = Field("127.0.0.1", description="broker address")
+    port: int = Field(1883, ge=1, le=65535)
+    username: str = Field("", description="broker user; its password comes from $KOZAN_MQTT_PASSWORD")
+    keepalive_s: int = Field(15, ge=5, le=3600)
+    settle_s: float = Field(10.0, ge=0, le=3600, description="an item whose diverter has not answered goes out "
+                                                               "after this long anyway")
+    max_inflight: int = Field(100, ge=1, le=10000, description="items sent and not yet acknowledged by the broker")
+    counters_interval_s: float = Field(10.0, gt=0, le=3600)
+    health_interval_s: float = Field(10.0, gt=0, le=3600)
+    outbox_path: str = Field("", description="the publisher's cursor file; empty = beside the records file")
+
+
+class MetricsConfig(_Section):
+    enabled: bool = Field(False, description="serve Prometheus metrics at http://host:port/metrics")
+    host: str = Field("127.0.0.1", description="address the endpoint binds to (loopback unless a scraper "
+                                               "elsewhere needs it)")
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free one (tests)")
+
+
+class PlantConfig(_Section):
+    station_id: str = Field("", description="this station's name in topics and the plant database; "
+                                            "empty = the host name")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @field_validator("station_id")
+    @classmethod
+    def _station_id_is_a_topic_level(cls, v: str) -> str:
+        if v:
+            from station.plant.topics import check_station_id
+            check_station_id(v)
+        return v
+
+
 class StationConfig(_Section):
     line: LineConfig = Field(default_factory=LineConfig)
     camera: CameraConfig = Field(default_factory=CameraConfig)
@@ -256,6 +292,7 @@ class StationConfig(_Section):
     sim: SimConfig = Field(default_factory=SimConfig)
     hmi: HmiConfig = Field(default_factory=HmiConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    plant: PlantConfig = Field(default_factory=PlantConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
 
     @field_validator("diverters")

@@ -269,6 +269,8 @@ class Station:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        from station.plant.hook import start_plant_services   # MQTT publisher + metrics, when enabled
+        self.plant = start_plant_services(self)
 
     def stop(self) -> None:
         self._stop.set()
@@ -280,6 +282,8 @@ class Station:
         try:
             self.records.end_run(self.core.counters.as_dict())
         finally:
+            if getattr(self, "plant", None) is not None:
+                self.plant.stop()       # after end_run: the run's last items go out in its drain
             self.bundle.close()
             self.records.close()
             self.camera.close()
