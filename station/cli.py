@@ -4,6 +4,7 @@
     kozan sim --items N ...   the simulated line in virtual time, judged; one JSON object
     kozan config --defaults   the default configuration as YAML
     kozan dataset ... / kozan model ...   data and models (cli_model)
+    kozan firmware ports|ping|status|fire N   diverter MCU tools (cli_firmware)
 """
 from __future__ import annotations
 
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config)
 
     add_model_commands(sub)
+    __import__("station.cli_firmware").cli_firmware.add_firmware_commands(sub)   # kozan firmware ...
     __import__("calibration.cli").cli.add_calibrate_commands(sub)   # kozan calibrate ...
     __import__("station.plant.cli").plant.cli.add_plant_commands(sub)   # kozan plant (aggregator)
     return p
