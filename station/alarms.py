@@ -40,6 +40,9 @@ class AlarmBoard:
         self._alarms: dict[str, Alarm] = {}
         self._next = 1
         self.history: list[Alarm] = []
+        # called outside the lock with (alarm, item_id) on every raise, repeats included (the records
+        # writer keeps each one); a listener must not block and its failure is logged, not raised
+        self.listeners: list = []
 
     def raise_(self, code: str, severity: Severity, message: str, item_id: int | None = None) -> Alarm:
         now = self._clock()
@@ -57,7 +60,12 @@ class AlarmBoard:
                 (log.error if severity == Severity.FAULT else log.warning)("alarm %s: %s", code, message)
             if item_id is not None and len(a.item_ids) < 100:
                 a.item_ids.append(item_id)
-            return a
+        for fn in list(self.listeners):
+            try:
+                fn(a, item_id)
+            except Exception:
+                log.exception("alarm listener failed (ignored)")
+        return a
 
     def acknowledge(self, alarm_id: int) -> bool:
         with self._lock:

@@ -104,7 +104,9 @@ class Station:
             self.camera: Any = SimCamera(cfg, self.world, self.clock)
         else:
             self.camera = open_camera(cfg.camera.source, cfg.camera.width, cfg.camera.height, cfg.camera.fps)
-        self.records = Records(records_path or cfg.resolve(cfg.records.path))
+        self.records = Records(records_path or cfg.resolve(cfg.records.path), batch_s=cfg.records.batch_s,
+                               synchronous=cfg.records.synchronous)
+        self.alarms.listeners.append(self.records.alarm_raised)   # every alarm raise goes on record
         # the simulated world above is the truth; everything below runs on the calibrated values
         from calibration.apply import calibrated_config
         cfg = self.cfg = calibrated_config(cfg)
@@ -296,7 +298,8 @@ class Station:
         rtt_s = f"{rtt:.1f}ms" if isinstance(rtt, (int, float)) else "-"
         return (f"[{self.state.state.value}] fps {self.stats.fps:4.1f}  latency {self.stats.latency_ms_p50:5.1f}ms  "
                 f"items {c.decided:4d} ({bins})  missed {c.missed}  dropped {self.mailbox.dropped}  "
-                f"link rtt {rtt_s}  alarms {len(self.alarms.active())}")
+                f"link rtt {rtt_s}  alarms {len(self.alarms.active())}  "
+                f"durable #{self.records.durable_item_id}")
 
     # ---- operator and technician actions (the HMI calls these; a refusal says why) ---------------
     def start_line(self) -> None:

@@ -58,7 +58,7 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     if records_path is None:
         tmp = tempfile.TemporaryDirectory(prefix="kozan-sim-")
         records_path = Path(tmp.name) / "records.sqlite"
-    records = Records(records_path)
+    records = Records(records_path, batch_s=cfg.records.batch_s, synchronous=cfg.records.synchronous)
     # the watchdog runs on wall time: virtual time outpaces the host's wall-clock heartbeats
     # the world and camera are the truth; the station runs on what calibration says about them
     from calibration.apply import calibrated_config
@@ -68,6 +68,7 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
     core = StationCore(station_cfg, det, link, records, load_taxonomy(), geometry_from_config(station_cfg), clock.now,
                        counts_per_s=lambda: cps, model_version=det.info.version, alarms=AlarmBoard(clock.now))
+    core.alarms.listeners.append(records.alarm_raised)    # every alarm raise goes on record
     capture = None
     if capture_dir is not None or cfg.capture.enabled:
         from station.capture import open_capture

@@ -215,6 +215,39 @@ class Hmi:
             hmi.live.tick()
             return {"acknowledged": alarm_id}
 
+        # ---- lots (operator: the consignment's paperwork is at the line; audited) -------------------
+        @app.get("/api/lot")
+        def lot_state() -> dict[str, Any]:
+            return {"lot": st.records.current_lot(), "acknowledged": st.records.acknowledged()}
+
+        @app.post("/api/lot/open")
+        def lot_open(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+            from station.lots import LotError, LotInfo
+
+            try:
+                info = LotInfo(str(body.get("lot_number", "")), str(body.get("origin_country", "")),
+                               str(body.get("supplier", "")), str(body.get("consignment_ref", "") or ""),
+                               str(body.get("basel_ref", "") or ""), opened_by=f"hmi operator {client(request)}")
+                lot = st.records.open_lot(info)
+            except LotError as e:
+                hmi.audit.write("operator", "lot.open", False, client(request), lot=body, error=str(e))
+                raise HTTPException(409 if "open" in str(e) or "used" in str(e) else 422, str(e)) from None
+            hmi.audit.write("operator", "lot.open", True, client(request), lot=lot["lot_number"])
+            return lot
+
+        @app.post("/api/lot/close")
+        def lot_close(request: Request) -> dict[str, Any]:
+            from station.lots import LotError
+
+            try:
+                lot = st.records.close_lot(f"hmi operator {client(request)}", drain_s=st.cfg.records.lot_close_drain_s)
+            except LotError as e:
+                hmi.audit.write("operator", "lot.close", False, client(request), error=str(e))
+                raise HTTPException(409, str(e)) from None
+            hmi.audit.write("operator", "lot.close", True, client(request), lot=lot["lot_number"],
+                            records=lot["records"], head=lot["head_hash"])
+            return lot
+
         # ---- technician (PIN) --------------------------------------------------------------------
         @app.post("/api/tech/login")
         def login(request: Request, pin: str = Body(..., embed=True)) -> JSONResponse:
