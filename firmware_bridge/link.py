@@ -649,6 +649,7 @@ class DiverterLink:
                 return  # duplicate ack of a retransmission (or already fired): already reported
             if p.timed_out:
                 self._resolved_after_timeout += 1
+            self._state.notify_all()
             if msg.command_id in self._finished:
                 return  # its Fired/Ended overtook the Ack (the Ack was lost): the outcome is out already
             if p.attempts == 1:
@@ -680,9 +681,9 @@ class DiverterLink:
             if p.timed_out:
                 self._resolved_after_timeout += 1
             self._outstanding.discard(msg.command_id)
-            if not self._finish(msg.command_id):
-                return
             self._state.notify_all()
+            if not self._finish(msg.command_id):
+                return  # a re-submitted id whose outcome was told already
         elif msg.msg_type == MsgType.CONFIGURE:
             waiter = self._config_waiters.get(msg.seq)
             if waiter is not None:

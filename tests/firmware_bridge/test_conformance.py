@@ -159,8 +159,11 @@ def test_duplicate_of_a_naked_command_gets_the_same_nak(ready) -> None:
     assert link.wait_settled(1.0)
     log.wait_for(nak_for(6, NakReason.UNKNOWN_DIVERTER))
     link.fire_at(6, 0, belt_count=500, pulse_ms=10)  # same id, now valid: still the first answer
-    assert link.wait_settled(1.0)
-    assert len([e for e in log.of_type(NakEvent) if e.command_id == 6]) == 2
+    assert link.wait_settled(1.0)  # answered (a Nak), not timed out and not acked...
+    assert not [e for e in log.of_type(AckEvent) if e.command_id == 6]
+    assert not log.of_type(CommandTimeoutEvent)
+    # ...and the station is told a command's final outcome once (PROTOCOL.md §7)
+    assert len([e for e in log.of_type(NakEvent) if e.command_id == 6]) == 1
     mcu.advance(600)
     assert mcu.shots() == []
 
@@ -330,7 +333,7 @@ def test_timed_out_command_is_resolved_later(ready) -> None:
 
 def test_timed_out_command_past_its_count_is_naked_late(ready) -> None:
     mcu, link, log = ready
-    mcu.drop_rx(MsgType.FIRE_AT, 4)
+    mcu.drop_rx(MsgType.FIRE_AT, 5)  # 4 copies, and the first re-send at the timeout itself
     link.fire_at(14, 1, belt_count=60, pulse_ms=10)
     assert link.wait_settled(2.0)
     log.wait_for(lambda e: isinstance(e, CommandTimeoutEvent) and e.command_id == 14)
