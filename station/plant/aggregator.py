@@ -84,12 +84,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX plant_health_log_station ON plant_health_log (station_id, received_at);
     """,
+    """
+    ALTER TABLE plant_items ADD COLUMN decision_outcome TEXT;
+    ALTER TABLE plant_items ADD COLUMN lot_id BIGINT;
+    ALTER TABLE plant_items ADD COLUMN lot_seq BIGINT;
+    ALTER TABLE plant_items ADD COLUMN chain_hash TEXT;
+    CREATE INDEX plant_items_lot ON plant_items (station_id, lot_id, lot_seq);
+    """,
 ]
 
 _ITEM_COLS = ("station_id", "item_id", "prev_id", "run_id", "track_id", "decided_at", "first_seen_s", "decided_s",
               "class_name", "confidence", "votes", "views", "bin", "diverter_id", "reason", "command_id",
               "fire_count", "outcome", "outcome_s", "fired_count", "model_version", "u_mm", "y_mm", "length_mm",
-              "width_mm")
+              "width_mm", "decision_outcome", "lot_id", "lot_seq", "chain_hash")
 _INSERT_ITEM = (f"INSERT INTO plant_items ({', '.join(_ITEM_COLS)}) VALUES ({', '.join(['%s'] * len(_ITEM_COLS))}) "
                 "ON CONFLICT (station_id, item_id) DO NOTHING")
 
@@ -160,7 +167,8 @@ class Aggregator:
                     d["first_seen_s"], d["decided_s"], d["class_name"], d["confidence"],
                     json.dumps(d.get("votes") or {}), d["views"], d["bin"], d.get("diverter_id"), d["reason"],
                     d.get("command_id"), d.get("fire_count"), d["outcome"], d.get("outcome_s"), d.get("fired_count"),
-                    d["model_version"], d.get("u_mm"), d.get("y_mm"), d.get("length_mm"), d.get("width_mm")]
+                    d["model_version"], d.get("u_mm"), d.get("y_mm"), d.get("length_mm"), d.get("width_mm"),
+                    d.get("decision_outcome"), d.get("lot_id"), d.get("lot_seq"), d.get("chain_hash")]
             with c.transaction():
                 cur = c.execute(_INSERT_ITEM, args)
                 if cur.rowcount:

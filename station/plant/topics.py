@@ -20,7 +20,9 @@ _STATION_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # the item row's columns, in the order they travel (station/records.py's `items` table)
 ITEM_FIELDS = ("id", "run_id", "track_id", "decided_at", "first_seen_s", "decided_s", "class_name", "confidence",
                "votes_json", "views", "bin", "diverter_id", "reason", "command_id", "fire_count", "outcome",
-               "outcome_s", "fired_count", "model_version", "u_mm", "y_mm", "length_mm", "width_mm")
+               "outcome_s", "fired_count", "model_version", "u_mm", "y_mm", "length_mm", "width_mm",
+               # records schema 2 (null from a schema-1 station): the decision as made, the lot and its chain
+               "decision_outcome", "lot_id", "lot_seq", "chain_hash")
 
 # outcomes that can still change after the row is written (the MCU has not answered yet)
 PROVISIONAL_OUTCOMES = frozenset({"sent", "acked"})
