@@ -260,10 +260,11 @@ def build_report(store: Store, comp: Composition, period: Period | None = None, 
     metal_rows = []
     for m in sorted(metals, key=lambda k: order.get(k, 99)):
         e = metals[m]
-        metal_rows.append({"metal": m, "contained_g": _r(e["contained_g"], 2), "recoverable_g": _r(e["recoverable_g"], 2),
-                           "yield": e["yield"], "range_g": [_r(e["range_g"][0], 2), _r(e["range_g"][1], 2)],
-                           "by_class_g": {k: _r(v, 2) for k, v in e["by_class_g"].items()},
-                           "by_bin_g": {k: _r(v, 2) for k, v in sorted(e["by_bin_g"].items())}})
+        # grams to 4 decimals: a small lot's palladium is a fraction of a gram
+        metal_rows.append({"metal": m, "contained_g": _r(e["contained_g"], 4), "recoverable_g": _r(e["recoverable_g"], 4),
+                           "yield": e["yield"], "range_g": [_r(e["range_g"][0], 4), _r(e["range_g"][1], 4)],
+                           "by_class_g": {k: _r(v, 4) for k, v in e["by_class_g"].items()},
+                           "by_bin_g": {k: _r(v, 4) for k, v in sorted(e["by_bin_g"].items())}})
 
     bins = sorted(set(bin_names) | set(per_bin_cls))
     bin_rows = []

@@ -42,7 +42,7 @@ def to_csv(rep: dict[str, Any]) -> str:
             share = n / c["items"] if c["items"] else 0
             row = [rep["report"], label, c["class"], b, names.get(b, ""), n, round(c["mass_kg"] * share, 3)]
             for m in rep["metals"]:
-                row.append(round(m["by_class_g"].get(c["class"], 0.0) * share, 2))
+                row.append(round(m["by_class_g"].get(c["class"], 0.0) * share, 4))
             w.writerow(row)
     w.writerow([rep["report"], label, "TOTAL", "", "", rep["totals"]["items"], rep["totals"]["mass_kg"]]
                + [m["contained_g"] for m in rep["metals"]])
