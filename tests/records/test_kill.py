@@ -24,7 +24,7 @@ from station import lots
 from station.records import open_db
 
 REPO = Path(__file__).resolve().parents[2]
-DURABLE = re.compile(r"durable #(\d+)")
+DURABLE = re.compile(r"durable #(\d+)\s*$")
 
 
 def _report(entry: dict) -> None:
@@ -137,7 +137,9 @@ def test_station_killed_mid_run_loses_no_acknowledged_item(tmp_path):
         model = os.environ.get("KOZAN_HMI_TEST_MODEL")
         if model:
             cmd += ["--set", f"detector.model={model}"]
-        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # stderr apart: a log line written between a status line and its newline would glue digits on
+        err = open(tmp_path / f"stderr-{k + 1}.txt", "w")
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
         rd = Reader(p, DURABLE)
         try:
             rd.wait_acked(prev + 3, timeout=float(os.environ.get("KOZAN_KILL_TIMEOUT_S", "600")))
@@ -146,6 +148,7 @@ def test_station_killed_mid_run_loses_no_acknowledged_item(tmp_path):
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
             rd.t.join(timeout=5)
+            err.close()
         lost = _check(db, rd.acked, "KILL-2")
         total_lost += lost
         prev = rd.acked
