@@ -1,11 +1,15 @@
 """Detector speed on the same frames and model: raw session.run vs the station's detector
 (letterbox + run + decode + NMS) vs ultralytics' predict (when the train extra is installed).
 
-    .venv/bin/python bench/detector.py [--model models/active.onnx] [--frames 200] [--threads 2]
+    .venv/bin/python bench/detector.py [--model models/active.onnx] [--frames 200] [--threads 2] [--rounds 1]
 
-Frames are 1280x720 renders of the simulated line with real items in them. Prints per-frame
-median and p99 (ms) and the ratios between the paths, measured in the same run, and the thread
-settings used. Benchmarks measure; tests never assert speed.
+Frames are 1280x720 renders of the simulated line with real items in them (the station's own
+camera). Prints per-frame median and p99 (ms), the mean detections per frame of each path, the
+ratios between the paths and the thread settings of each. The paths are timed interleaved, frame
+by frame in rotating order, so that a machine shared with other work loads them all alike; every
+onnxruntime session runs with the same intra-op thread count (ultralytics' own default is one
+thread per physical core; the bench replaces its session with one of --threads threads and says
+so). Benchmarks measure; tests never assert speed.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -46,26 +51,58 @@ def frames(n: int, seed: int = 3) -> list[np.ndarray]:
     return out
 
 
-def timed(fn, imgs, warmup: int = 10) -> np.ndarray:
-    for im in imgs[:warmup]:
-        fn(im)
-    ts = []
-    for im in imgs:
-        t0 = time.perf_counter()
-        fn(im)
-        ts.append(time.perf_counter() - t0)
-    return np.asarray(ts) * 1000
-
-
 def stats(ms: np.ndarray) -> dict[str, float]:
-    return {"median_ms": round(float(np.median(ms)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+    return {"median_ms": round(float(np.median(ms)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "mean_ms": round(float(np.mean(ms)), 2)}
+
+
+def interleaved(paths: dict[str, Callable[[np.ndarray], object]], imgs: list[np.ndarray], warmup: int,
+                rounds: int) -> dict[str, np.ndarray]:
+    """Per-frame times of every path, taken frame by frame in rotating order, so that every path
+    sees the same machine load (a background job that comes and goes cannot favour one of them)."""
+    names = list(paths)
+    for im in imgs[:warmup]:
+        for n in names:
+            paths[n](im)
+    ts: dict[str, list[float]] = {n: [] for n in names}
+    k = 0
+    for _ in range(rounds):
+        for im in imgs:
+            order = names[k % len(names):] + names[:k % len(names)]
+            k += 1
+            for n in order:
+                t0 = time.perf_counter()
+                paths[n](im)
+                ts[n].append(time.perf_counter() - t0)
+    return {n: np.asarray(v) * 1000 for n, v in ts.items()}
+
+
+def _ultralytics_session(model) -> object | None:
+    """The onnxruntime session inside an ultralytics YOLO predictor (its attribute path moves between releases)."""
+    import onnxruntime as ort
+
+    seen: set[int] = set()
+    stack = [model.predictor.model]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, ort.InferenceSession):
+            return o
+        for attr in ("session", "backend", "model"):
+            v = getattr(o, attr, None)
+            if v is not None and not isinstance(v, (str, int, float)):
+                stack.append(v)
+    return None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/active.onnx")
     ap.add_argument("--frames", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--rounds", type=int, default=1, help="passes over the frames")
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (every path)")
     ap.add_argument("--no-ultralytics", action="store_true")
     a = ap.parse_args()
     cv2.setNumThreads(1)
@@ -73,10 +110,14 @@ def main() -> int:
     det = Detector(a.model, threads=a.threads)
     tensor = det.prepare(imgs[0]).copy()
     name = det.session.get_inputs()[0].name
-    res: dict[str, dict] = {}
-    res["raw_session_run"] = stats(timed(lambda im: det.session.run(None, {name: tensor}), imgs))
-    res["station_detector"] = stats(timed(det, imgs))
-    n_det = float(np.mean([len(det(im)) for im in imgs[:50]]))
+    h, w = det.info.input_hw
+    paths: dict[str, Callable[[np.ndarray], object]] = {
+        "raw_session_run": lambda im: det.session.run(None, {name: tensor}),
+        "station_detector": det,
+    }
+    n_det = {"station_detector": float(np.mean([len(det(im)) for im in imgs]))}
+    threads: dict[str, object] = {"onnxruntime_intra_op": a.threads, "opencv": cv2.getNumThreads()}
+    skipped = None
     if not a.no_ultralytics:
         try:
             os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -84,22 +125,76 @@ def main() -> int:
             from vision.training import _offline_ultralytics
 
             ul = _offline_ultralytics(Path("runs/ultralytics-config").resolve(), a.threads)
+            import torch
+
             m = ul.YOLO(a.model, task="detect")
-            h, w = det.info.input_hw
-            res["ultralytics_predict"] = stats(timed(lambda im: m.predict(im, imgsz=(h, w), verbose=False, conf=0.25,
-                                                                           device="cpu"), imgs))
+
+            def predict(im):
+                return m.predict(im, imgsz=(h, w), verbose=False, conf=det.conf, iou=det.iou, device="cpu")
+
+            predict(imgs[0])
+            sess = _ultralytics_session(m)
+            ul_threads = sess.get_session_options().intra_op_num_threads if sess is not None else "unknown"
+            if sess is not None and ul_threads != a.threads:
+                # ultralytics opens onnxruntime with default options (intra-op 0: one per physical core);
+                # give it the same thread count as the station's paths so that the comparison is fair
+                import onnxruntime as ort
+
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = a.threads
+                so.inter_op_num_threads = 1
+                new = ort.InferenceSession(a.model, sess_options=so, providers=["CPUExecutionProvider"])
+                for holder in _holders_of(m.predictor.model, sess):
+                    holder.session = new
+                sess = _ultralytics_session(m)
+                ul_threads = f"{sess.get_session_options().intra_op_num_threads} (ultralytics' default {ul_threads} replaced)"
+            threads["ultralytics"] = {"onnxruntime_intra_op": ul_threads, "torch": torch.get_num_threads()}
+            paths["ultralytics_predict"] = predict
+            n_det["ultralytics_predict"] = float(np.mean([len(predict(im)[0].boxes) for im in imgs]))
         except Exception as e:  # the train extra is optional
-            res["ultralytics_predict"] = {"skipped": f"{type(e).__name__}: {e}"}
+            skipped = f"{type(e).__name__}: {e}"
+    times = interleaved(paths, imgs, warmup=10, rounds=a.rounds)
+    res: dict[str, dict] = {k: stats(v) for k, v in times.items()}
+    if skipped:
+        res["ultralytics_predict"] = {"skipped": skipped}
     base = res["raw_session_run"]["median_ms"]
-    ratios = {k: round(v["median_ms"] / base, 3) for k, v in res.items() if "median_ms" in v}
-    out = {"model": a.model, "input_hw": det.info.input_hw, "frames": len(imgs), "mean_detections": n_det,
-           "threads": {"onnxruntime_intra_op": a.threads, "opencv": cv2.getNumThreads()},
-           "results": res, "ratio_to_raw_median": ratios}
+    ratios = {f"{k}/raw_session_run": round(v["median_ms"] / base, 3) for k, v in res.items() if "median_ms" in v}
+    if "median_ms" in res.get("ultralytics_predict", {}):
+        for q in ("median_ms", "p99_ms"):
+            ratios[f"station_detector/ultralytics_predict ({q[:-3]})"] = round(
+                res["station_detector"][q] / res["ultralytics_predict"][q], 3)
+    out = {"model": a.model, "model_version": det.info.version, "input_hw": det.info.input_hw,
+           "frames": len(imgs), "frame_size": list(imgs[0].shape[:2]), "rounds": a.rounds,
+           "mean_detections_per_frame": n_det, "conf": det.conf, "nms_iou": det.iou,
+           "threads": threads, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+           "results": res, "ratios_median": ratios}
+    print(f"model {a.model} ({det.info.version}, input {h}x{w}); {len(imgs)} frames "
+          f"{imgs[0].shape[1]}x{imgs[0].shape[0]}, {a.rounds} round(s), paths interleaved frame by frame")
+    print(f"threads: {threads}; load average {os.getloadavg()}")
+    print(f"mean detections per frame: {n_det}")
     for k, v in res.items():
         print(f"{k:<22} {v}")
-    print(f"ratios to raw session.run (median): {ratios}")
+    print(f"ratios: {ratios}")
     print(json.dumps(out))
     return 0
+
+
+def _holders_of(root, target) -> list:
+    """Objects reachable from `root` whose `session` attribute is `target`."""
+    seen: set[int] = set()
+    stack, found = [root], []
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if getattr(o, "session", None) is target:
+            found.append(o)
+        for attr in ("backend", "model"):
+            v = getattr(o, attr, None)
+            if v is not None:
+                stack.append(v)
+    return found
 
 
 if __name__ == "__main__":

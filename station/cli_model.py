@@ -78,6 +78,46 @@ def cmd_model_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_eval(a: argparse.Namespace) -> int:
+    # onnxruntime only: nothing on this path imports torch (tests/vision/test_evaluation.py checks)
+    from station.config import StationConfig
+    from vision.detector import ModelError
+    from vision.evaluation import DatasetError, EvalConfig, evaluate, format_report, write_report
+
+    d = StationConfig().detector
+    cfg = EvalConfig(split=a.split, conf_threshold=d.conf_threshold if a.conf is None else a.conf,
+                     iou_threshold=d.iou_threshold if a.iou is None else a.iou, threads=a.threads,
+                     distractor_frames=a.distractor_frames, limit=a.limit)
+    try:
+        report = evaluate(Path(a.model), Path(a.data), cfg, progress=_progress(f"eval {a.split}"))
+    except (ModelError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if a.out:
+        paths = write_report(report, Path(a.out))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if a.json:
+        print(json.dumps(report))
+    return 0
+
+
+def cmd_model_quantize(a: argparse.Namespace) -> int:
+    from vision.detector import ModelError
+    from vision.evaluation import DatasetError
+    from vision.quantize import QuantizeError, quantize_static_int8
+
+    try:
+        info = quantize_static_int8(Path(a.model), Path(a.calib), Path(a.out), n_images=a.images,
+                                    split=a.split, method=a.method, seed=a.seed,
+                                    progress=_progress("calibration"))
+    except (ModelError, DatasetError, QuantizeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1))
+    return 0
+
+
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
     ds = sub.add_parser("dataset", help="datasets for training and evaluation")
     dsub = ds.add_subparsers(dest="dataset_cmd", required=True)
@@ -119,4 +159,28 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--version", required=True)
     e.add_argument("--data", default=None, help="the data.yaml it was trained on (for the fingerprint)")
     e.set_defaults(func=cmd_model_export)
+    v = msub.add_parser("eval", help="mAP, per-class P/R/AP, confusion matrix, distractor FPs and latency "
+                                      "through the station's onnxruntime detector (no torch)")
+    v.add_argument("model", help="an ONNX model exported the project's way")
+    v.add_argument("data", help="a YOLO dataset's data.yaml")
+    v.add_argument("--split", default="test", help="train, val or test (default: the held-out test split)")
+    v.add_argument("--out", default=None, help="folder for eval.json, confusion_matrix.json and .png")
+    v.add_argument("--conf", type=float, default=None,
+                   help="operating threshold for P/R and the confusion matrix (default: the station's)")
+    v.add_argument("--iou", type=float, default=None, help="NMS IoU (default: the station's)")
+    v.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    v.add_argument("--distractor-frames", type=int, default=0,
+                   help="also render N distractor-only frames and report false positives on them")
+    v.add_argument("--limit", type=int, default=None, help="first N images only")
+    v.add_argument("--json", action="store_true", help="also print the whole report as one JSON line")
+    v.set_defaults(func=cmd_model_eval)
+    q = msub.add_parser("quantize", help="static int8 (QDQ) quantisation calibrated on dataset images")
+    q.add_argument("model", help="the float ONNX model")
+    q.add_argument("--calib", required=True, help="a YOLO dataset's data.yaml to calibrate on")
+    q.add_argument("--split", default="train", help="split to draw calibration images from (never the test split)")
+    q.add_argument("--images", type=int, default=200, help="calibration images")
+    q.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="minmax")
+    q.add_argument("--seed", type=int, default=0, help="which calibration images are drawn")
+    q.add_argument("--out", required=True, help="the int8 ONNX model to write")
+    q.set_defaults(func=cmd_model_quantize)
     __import__("station.cli_loop").cli_loop.add_loop_commands(sub)   # capture -> data -> registry (issue 7)

@@ -1,0 +1,86 @@
+"""Static int8 quantisation of the shipped model, calibrated on a tiny rendered dataset: the result
+is QDQ int8 with the head's decode in float, carries Kozan's metadata, and still finds the items."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="quantisation needs the train extra's onnx")
+
+from vision.detector import Detector, model_card_meta  # noqa: E402
+from vision.evaluation import box_iou, split_samples  # noqa: E402
+from vision.quantize import QuantizeError, head_float_nodes, quantize_static_int8  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def calib_dataset(tmp_path_factory) -> Path:
+    from vision.datasets import write_synth_dataset
+
+    out = tmp_path_factory.mktemp("tiny-calib")
+    write_synth_dataset(out, n=8, seed=21, val_fraction=0.0, test_n=3, workers=1)
+    return out / "data.yaml"
+
+
+@pytest.fixture(scope="module")
+def int8_model(calib_dataset, shipped_model, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("q") / "det-int8.onnx"
+    info = quantize_static_int8(shipped_model, calib_dataset, out, n_images=8)
+    return out, info
+
+
+def test_metadata_carried_and_marked(int8_model, shipped_model):
+    path, info = int8_model
+    f, q = model_card_meta(shipped_model), model_card_meta(path)
+    assert q["version"] == f["version"] + "-int8" == info["version"]
+    assert q["names"] == f["names"] and q["input_hw"] == f["input_hw"]
+    assert q["data_fingerprint"] == f["data_fingerprint"]
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    rec = json.loads(meta["kozan_quantization"])
+    assert rec["format"] == "QDQ" and rec["calibration"]["images"] == 8 and rec["calibration"]["split"] == "train"
+
+
+def test_convs_quantised_head_decode_in_float(int8_model, shipped_model):
+    m = onnx.load(str(int8_model[0]))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 100
+    # every Conv weight goes through a DequantizeLinear (int8 weights)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert convs and all(producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "DequantizeLinear"
+                         for n in convs)
+    # the decode tail after the last Convs stays float: nothing quantised feeds the output directly
+    out = m.graph.output[0].name
+    assert producer[out].op_type not in ("DequantizeLinear", "QuantizeLinear")
+    kept = set(head_float_nodes(onnx.load(str(shipped_model))))
+    assert {"Sigmoid", "Concat", "Softmax"} <= {n.op_type for n in onnx.load(str(shipped_model)).graph.node
+                                                if n.name in kept}
+
+
+def test_int8_model_finds_what_the_float_model_finds(int8_model, calib_dataset, shipped_model):
+    import cv2
+
+    f, q = Detector(shipped_model, threads=2), Detector(int8_model[0], threads=2)
+    assert q.info.input_hw == f.info.input_hw
+    matched = total = 0
+    for s in split_samples(calib_dataset, "test")[0]:
+        img = cv2.imread(str(s.image))
+        df, dq = f(img), q(img)
+        total += len(df)
+        if len(df) and len(dq):
+            iou = box_iou(df.boxes, dq.boxes)
+            same = df.class_ids[:, None] == dq.class_ids[None, :]
+            matched += int(((iou >= 0.5) & same).any(1).sum())
+    assert total >= 5
+    # quantising the head's decode would zero every score: this would be 0 of total
+    assert matched >= 0.7 * total, (matched, total)
+    assert int8_model[1]["sanity"]["int8_max_score"] > 0.5
+
+
+def test_refuses_the_held_out_split(calib_dataset, shipped_model, tmp_path):
+    with pytest.raises(QuantizeError, match="held out"):
+        quantize_static_int8(shipped_model, calib_dataset, tmp_path / "x.onnx", split="test")
+    with pytest.raises(QuantizeError, match="method"):
+        quantize_static_int8(shipped_model, calib_dataset, tmp_path / "x.onnx", method="magic")
+    assert not (tmp_path / "x.onnx").exists()

@@ -1,0 +1,174 @@
+"""Static int8 quantisation (QDQ) of a Kozan detector with onnxruntime.quantization.
+
+Calibration images go through `Detector.prepare` — the station's own letterbox, colour order and
+scaling — so the activation ranges are those the model sees on the line. The detection head's
+non-Conv nodes stay in float: its decode concatenates box coordinates (hundreds of pixels) with
+class scores (0..1) into one tensor, and one int8 scale over both rounds every score to zero. Its
+Convs are quantised like the rest. The result carries the float model's metadata, with
+`kozan_version` suffixed `-int8` and a `kozan_quantization` record of how it was made.
+
+Needs `onnx` (part of the `train` extra); the station only ever loads the result with onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from vision.detector import Detector
+from vision.evaluation import split_samples
+
+log = logging.getLogger(__name__)
+
+_MODULE = re.compile(r"^/model\.(\d+)/")
+
+
+class QuantizeError(RuntimeError):
+    """Quantisation could not produce a usable model; the message says why and what to do."""
+
+
+def head_float_nodes(model) -> list[str]:
+    """Names of the detection head's non-Conv nodes (to keep in float).
+
+    The head is the last `/model.N/` module of an ultralytics export; for graphs named otherwise,
+    the nodes from the last Convs to the output (the decode tail) are found by walking back from
+    the graph output through non-Conv nodes. Both sets are returned together.
+    """
+    nodes = list(model.graph.node)
+    names: set[str] = set()
+    idx = [int(m.group(1)) for n in nodes if (m := _MODULE.match(n.name))]
+    if idx:
+        head = f"/model.{max(idx)}/"
+        names |= {n.name for n in nodes if n.name.startswith(head) and n.op_type != "Conv"}
+    producer = {o: n for n in nodes for o in n.output}
+    stack = [o.name for o in model.graph.output]
+    seen: set[str] = set()
+    while stack:
+        n = producer.get(stack.pop())
+        if n is None or n.name in seen or n.op_type == "Conv":
+            continue
+        seen.add(n.name)
+        names.add(n.name)
+        stack.extend(n.input)
+    return sorted(names)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over dataset images, prepared by the Detector."""
+
+    def __init__(self, det: Detector, images: list[Path], progress: Callable[[int, int], None] | None):
+        self.det, self.images, self.progress = det, images, progress
+        self.name = det.session.get_inputs()[0].name
+        self.i = 0
+
+    def get_next(self) -> dict | None:
+        if self.i >= len(self.images):
+            return None
+        img = cv2.imread(str(self.images[self.i]), cv2.IMREAD_COLOR)
+        if img is None:
+            raise QuantizeError(f"{self.images[self.i]}: OpenCV cannot read this calibration image")
+        self.i += 1
+        if self.progress:
+            self.progress(self.i, len(self.images))
+        return {self.name: self.det.prepare(img).copy()}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def quantize_static_int8(model: Path, calib_yaml: Path, out: Path, n_images: int = 200, split: str = "train",
+                         method: str = "minmax", seed: int = 0, reduce_range: bool = True,
+                         progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write a static QDQ int8 model of `model` to `out`; returns a summary (also in the metadata).
+
+    `reduce_range` (7-bit weights) is on by default: on x86 CPUs without VNNI, onnxruntime's u8s8
+    kernels can saturate with full-range weights.
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as e:
+        raise QuantizeError(f"quantisation needs the 'onnx' package ({e}); install the train extra: "
+                            "pip install -e '.[train]'") from None
+    if split == "test":
+        raise QuantizeError("refusing to calibrate on the 'test' split: it is held out for evaluation; "
+                            "use --split train or val")
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise QuantizeError(f"calibration method {method!r}: choose one of {sorted(methods)}")
+    model, out = Path(model), Path(out)
+    det = Detector(model, threads=2)
+    samples, names = split_samples(Path(calib_yaml), split)
+    if names != list(det.names):
+        raise QuantizeError(f"{calib_yaml}: classes {names} are not the model's {list(det.names)}")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(samples), size=min(n_images, len(samples)), replace=False))
+    images = [samples[i].image for i in pick]
+
+    float_model = onnx.load(str(model))
+    meta = {p.key: p.value for p in float_model.metadata_props}
+    with tempfile.TemporaryDirectory(prefix="kozan-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
+        pre_model = onnx.load(str(pre))
+        exclude = head_float_nodes(pre_model)
+        extra = {"CalibMaxIntermediateOutputs": 16}   # bounded memory: ranges are merged every 16 images
+        if method == "percentile":
+            extra["CalibPercentile"] = 99.999
+        quantize_static(str(pre), str(out), _Calibration(det, images, progress), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=reduce_range, calibrate_method=methods[method], nodes_to_exclude=exclude,
+                        extra_options=extra)
+    q = onnx.load(str(out))
+    fingerprint = "unknown"
+    try:
+        from vision.datasets import dataset_fingerprint
+        from vision.evaluation import read_data_yaml
+
+        fingerprint = dataset_fingerprint(read_data_yaml(Path(calib_yaml))["root"])
+    except Exception as e:  # the fingerprint is a record, not a requirement
+        log.warning("no calibration data fingerprint: %s", e)
+    info = {"source_model": str(model), "source_version": det.info.version, "format": "QDQ",
+            "activations": "uint8 (asymmetric)", "weights": "int8 per-channel" + (" reduced range" if reduce_range else ""),
+            "calibration": {"method": method, "data": str(calib_yaml), "split": split, "images": len(images),
+                            "seed": seed, "data_fingerprint": fingerprint,
+                            "preprocessing": "vision.detector.Detector.prepare (letterbox, RGB, 1/255)"},
+            "float_nodes": len(exclude)}
+    meta.update({"kozan_version": f"{det.info.version}-int8",
+                 "kozan_quantization": json.dumps(info),
+                 "description": (meta.get("description", "") + " — static int8 QDQ (onnxruntime)").strip(" —")})
+    del q.metadata_props[:]
+    for k, v in meta.items():
+        p = q.metadata_props.add()
+        p.key, p.value = k, str(v)
+    onnx.save(q, str(out))
+    info["out"] = str(out)
+    info["version"] = meta["kozan_version"]
+    info["sanity"] = _sanity(model, out, images[: min(8, len(images))])
+    return info
+
+
+def _sanity(float_path: Path, int8_path: Path, images: list[Path]) -> dict:
+    """Both models on a few calibration images: the int8 one must still score what the float one finds."""
+    f, q = Detector(float_path, threads=2), Detector(int8_path, threads=2)
+    fmax, qmax = [], []
+    for p in images:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        t = f.prepare(img).copy()
+        fo = f.session.run(None, {f.session.get_inputs()[0].name: t})[0][0]
+        qo = q.session.run(None, {q.session.get_inputs()[0].name: t})[0][0]
+        fmax.append(float(fo[4:].max()))
+        qmax.append(float(qo[4:].max()))
+    res = {"images": len(images), "float_max_score": round(max(fmax), 4), "int8_max_score": round(max(qmax), 4)}
+    if max(fmax) > 0.5 and max(qmax) < 0.05:
+        raise QuantizeError(f"{int8_path}: the int8 model scores nothing where the float one finds items ({res}); "
+                            "the detection head must stay in float — check head_float_nodes() for this graph")
+    return res
