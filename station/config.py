@@ -74,7 +74,7 @@ class RulesConfig(_Section):
         0: "manual / end of belt", 1: "Li-ion batteries", 2: "other batteries",
         3: "high-grade boards", 4: "low-grade boards",
     })
-    min_confidence: float = Field(0.55, ge=0, le=1, description="mean score of the winning bin over the item's views; below this it goes to manual")
+    min_confidence: float = Field(0.4, ge=0, le=1, description="mean score of the winning bin over the item's views; below this it goes to manual")
     min_views: int = Field(3, ge=1, le=100, description="frames an item must be seen in before it is sorted")
     battery_guard_share: float = Field(0.15, ge=0, le=1,
                                        description="a board whose votes are this battery-like goes to manual")
@@ -134,48 +134,8 @@ class ReportsConfig(_Section):
         return v
 
 
-class ReportsConfig(_Section):
-    """`kozan report`: where reports go, the plant's clock and shifts, the mass/metal table."""
-    dir: str = Field("var/reports", description="default output folder (relative to the repo root)")
-    timezone: str = Field("UTC", description="IANA zone the plant's days and shifts are in, e.g. Asia/Tokyo")
-    shifts: list[str] = Field(default_factory=lambda: ["06:00", "14:00", "22:00"], min_length=1,
-                              description="shift start times (HH:MM, local); a shift ends when the next starts")
-    composition: str = Field("station/composition.yaml",
-                             description="average mass and metal content per class (relative to the repo root)")
-    chromium: str = Field("/usr/bin/chromium", description="headless Chromium that prints the PDF")
-
-    @field_validator("shifts")
-    @classmethod
-    def _hhmm(cls, v: list[str]) -> list[str]:
-        import re
-        for s in v:
-            if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]", s):
-                raise ValueError(f"shift start {s!r}: write it as HH:MM (24 h), e.g. 06:00")
-        return sorted(v)
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as UTC, Asia/Tokyo, Europe/Berlin")
-        return v
-
-
 class RecordsConfig(_Section):
     path: str = Field("var/kozan.sqlite", description="SQLite file (relative to the repo root)")
-    synchronous: Literal["FULL", "NORMAL"] = Field(
-        "FULL", description="FULL: an acknowledged record survives power loss (WAL fsynced at each commit, at "
-                            "most 1/batch_s a second); NORMAL survives a killed process only")
-    batch_s: float = Field(0.2, gt=0, le=5, description="the writer commits at most this often; a record is "
-                                                        "acknowledged when its commit returns")
-    archive_dir: str = Field("var/archive", description="`kozan records archive` moves old rows to dated "
-                                                        "databases here; reports read them too")
-    lot_close_drain_s: float = Field(5.0, ge=0, le=120, description="closing a lot waits this long at most for "
-                                                                    "its items' diverter outcomes")
-    reports: ReportsConfig = Field(default_factory=ReportsConfig)
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL: an acknowledged record survives power loss (WAL fsynced at each commit, at "
                             "most 1/batch_s a second); NORMAL survives a killed process only")

@@ -105,6 +105,29 @@ def write_synth_dataset(
     return manifest
 
 
+def data_yaml_fingerprint(data_yaml: Path) -> str:
+    """The fingerprint of exactly the label files a data.yaml trains and validates on.
+
+    A data.yaml may list several image folders (e.g. a broad set plus line-look scenes); each
+    `.../images/<split>` folder's labels live in `.../labels/<split>`, the ultralytics layout.
+    """
+    data_yaml = Path(data_yaml)
+    d = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
+    base = Path(d.get("path") or data_yaml.parent)
+    if not base.is_absolute():
+        base = data_yaml.parent / base
+    h = hashlib.sha256()
+    for key in ("train", "val"):
+        entries = d.get(key) or []
+        for entry in [entries] if isinstance(entries, str) else entries:
+            img_dir = base / entry
+            lbl_dir = Path(str(img_dir).replace("/images/", "/labels/").replace("\\images\\", "\\labels\\"))
+            for p in sorted(lbl_dir.glob("*.txt")):
+                h.update(f"{key}/{p.parent.name}/{p.name}".encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def dataset_fingerprint(root: Path) -> str:
     """A short hash over label files' names and contents: what a model was trained on, checkable later."""
     h = hashlib.sha256()

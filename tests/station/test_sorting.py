@@ -58,7 +58,7 @@ def test_votes_split_inside_one_bin_still_sort(sorter):
 
 
 def test_votes_split_across_bins_go_to_manual(sorter):
-    d = sorter.decide(track({"li_ion_cell": 4.0, "alkaline": 3.5}))
+    d = sorter.decide(track({"li_ion_cell": 3.5, "alkaline": 3.0}))
     assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
 
 
