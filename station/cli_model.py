@@ -65,10 +65,10 @@ def _imgsz(text: str) -> tuple[int, int]:
 
 
 def cmd_model_export(a: argparse.Namespace) -> int:
-    from vision.datasets import dataset_fingerprint
+    from vision.datasets import data_yaml_fingerprint
     from vision.training import TrainExtraMissing, export_onnx
 
-    fp = dataset_fingerprint(Path(a.data).parent) if a.data else "unknown"
+    fp = data_yaml_fingerprint(Path(a.data)) if a.data else "unknown"
     try:
         out = export_onnx(Path(a.weights), Path(a.out), a.imgsz, a.version, fp)
     except TrainExtraMissing as e:

@@ -116,5 +116,6 @@ def export_onnx(weights: Path, out: Path, imgsz: int | tuple[int, int], version:
     onnx.save(m, str(out))
     if produced.resolve() != out.resolve():
         produced.unlink(missing_ok=True)
-    shutil.copy2(weights, out.with_suffix(".pt"))
+    if Path(weights).resolve() != out.with_suffix(".pt").resolve():
+        shutil.copy2(weights, out.with_suffix(".pt"))
     return out
