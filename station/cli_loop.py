@@ -121,6 +121,8 @@ def golden_fingerprint(golden_yaml: Path) -> str:
 
     d = yaml.safe_load(Path(golden_yaml).read_text())
     base = Path(d.get("path") or Path(golden_yaml).parent)
+    if not base.is_absolute():   # as the evaluator reads it: relative to the YAML's own folder
+        base = (Path(golden_yaml).parent / base).resolve()
     return list_fingerprint(_images_of(d.get("test") or d["val"], base))
 
 
