@@ -7,6 +7,7 @@ only to make pixels and sensor readings; the tools never see it, so the tests ca
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,6 +33,14 @@ def true_camera(cfg: StationConfig) -> TrueCamera:
     return TrueCamera(truth, cfg.camera.width, cfg.camera.height)
 
 
+@functools.lru_cache(maxsize=8)
+def _target_source(spec: TargetSpec, sigma: float) -> np.ndarray:
+    """The target drawn at SRC_PX_PER_MM and pre-filtered (drawn once per process and target)."""
+    img = cv2.GaussianBlur(spec.render(SRC_PX_PER_MM, margin_mm=0.0), (0, 0), sigma)
+    img.setflags(write=False)
+    return img
+
+
 def _rot(rx: float, ry: float, rz: float) -> np.ndarray:
     R, _ = cv2.Rodrigues(np.array([rx, ry, rz], np.float64))
     return R
@@ -45,19 +54,27 @@ class CalibScene:
         self.spec = spec
         self.cam = true_camera(cfg)
         self.rng = np.random.default_rng(seed)
-        img = spec.render(SRC_PX_PER_MM, margin_mm=0.0)
         # pre-filter so that re-imaging at ~2 px/mm does not alias the squares
         sigma = max(0.5, SRC_PX_PER_MM / (2.0 * cfg.camera.px_per_mm))
-        self._src = cv2.GaussianBlur(img, (0, 0), sigma)
+        self._src = _target_source(spec, sigma)
         self._bg = 90
 
     def _image(self, plane_to_norm: np.ndarray) -> np.ndarray:
-        mx, my = self.cam.plane_maps(plane_to_norm, SRC_PX_PER_MM)
-        mx -= 0.5   # source pixel i covers target mm [i, i+1) / SRC_PX_PER_MM
-        my -= 0.5
-        img = cv2.remap(self._src, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=self._bg)
-        noise = self.rng.normal(0.0, 2.0, img.shape)
-        img = np.clip(img.astype(np.float32) * 0.8 + 20 + noise, 0, 255).astype(np.uint8)
+        img = np.full((self.cam.H, self.cam.W), self._bg, np.uint8)
+        # only the target's footprint is re-imaged: everything else is the plain background
+        roi = self.cam.plane_footprint(plane_to_norm, *self.spec.size_mm)
+        if roi is not None:
+            x0, y0, x1, y1 = roi
+            mx, my = self.cam.plane_maps(plane_to_norm, SRC_PX_PER_MM, roi)
+            mx -= 0.5   # source pixel i covers target mm [i, i+1) / SRC_PX_PER_MM
+            my -= 0.5
+            img[y0:y1, x0:x1] = cv2.remap(self._src, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                          borderValue=self._bg)
+        out = img.astype(np.float32)
+        out *= 0.8     # contrast 0.8, offset 20, sensor noise sigma 2 grey levels
+        out += 20.0
+        out += 2.0 * self.rng.standard_normal(img.shape, dtype=np.float32)
+        img = np.clip(out, 0, 255, out=out).astype(np.uint8)
         return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
 
     def render_pose(self, R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -105,6 +122,10 @@ class SimDiverterRig:
         from station.assembly import open_link
         from station.simline.world import BeltWorld
 
+        # virtual time: the host may stall for wall-clock seconds (a busy machine) while no belt time
+        # passes; the MCU watchdog runs on wall time, so here it only catches a dead host (as in run_fast)
+        cfg = cfg.model_copy(deep=True)
+        cfg.link.watchdog_ms = max(cfg.link.watchdog_ms, 5000)
         self.cfg = cfg
         self.puck = puck
         self.clock = VirtualClock(0.0)
@@ -125,7 +146,7 @@ class SimDiverterRig:
         self._cmd = 0
         self._t = 0.0
         self.period = 1.0 / cfg.camera.fps
-        self._step(0.2)
+        self._step(0.2, tick=0.05)
 
     @property
     def diverter_ids(self) -> list[int]:
@@ -134,10 +155,13 @@ class SimDiverterRig:
     def close(self) -> None:
         self.bundle.close()
 
-    def _step(self, dt: float) -> None:
+    def _step(self, dt: float, tick: float = 0.005) -> None:
+        """Advance virtual time by `dt`, letting the MCU run a service pass every `tick` seconds.
+
+        The belt is analytic in time, so coarse ticks lose nothing where nothing is being fired."""
         end = self._t + dt
         while self._t < end - 1e-12:
-            self._t = min(end, self._t + 0.005)
+            self._t = min(end, self._t + tick)
             self.clock.advance_to(self._t)
             if not self.bundle.firmware.sync(timeout=5.0):
                 raise RuntimeError("firmware simulator stopped answering")
@@ -157,7 +181,7 @@ class SimDiverterRig:
         view_mm = self.cfg.camera.width / self.cfg.camera.px_per_mm
         k = 0
         while u0 + w.travel_mm(self.clock.now()) < view_mm + 10.0:
-            self._step(self.period)
+            self._step(self.period, tick=self.period)
             k += 1
             if k % every:
                 continue      # the tools need a handful of sharp views, not every frame
@@ -173,7 +197,7 @@ class SimDiverterRig:
         from firmware_bridge import FiredEvent
 
         link = self.bundle.link
-        self._step(self.rng.uniform(0.05, 0.15))
+        self._step(self.rng.uniform(0.05, 0.15), tick=0.05)
         self._cmd += 1
         cmd = self._cmd
         c0, t0 = self.world.encoder_count(), self.clock.now()
@@ -189,7 +213,7 @@ class SimDiverterRig:
                 break
         if fired is None:
             raise RuntimeError(f"diverter {diverter}: the MCU never reported firing command {cmd}")
-        self._step(0.6)
+        self._step(0.6, tick=0.05)   # let the pulse end before the next firing
         t_action = self._actions[cmd][0]
         action = self._count_at_mm(self.world.travel_mm(t_action)) + int(self.rng.integers(-self.jitter, self.jitter + 1))
         c1, t1 = self.world.encoder_count(), self.clock.now()
