@@ -156,13 +156,13 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def cmd_register(a: argparse.Namespace) -> int:
-    from vision.datasets import dataset_fingerprint
+    from vision.datasets import data_yaml_fingerprint
+    from vision.detector import model_card_meta
 
     reg = _registry(a)
-    fp = None
-    if a.data:
-        mf = Path(a.data).parent / "manifest.json"
-        fp = json.loads(mf.read_text()).get("fingerprint") if mf.exists() else dataset_fingerprint(Path(a.data).parent)
+    # the same fingerprint `kozan model export --data` writes into the model: the label files the
+    # data.yaml names (several folders for a merged set), not its parent folder
+    fp = data_yaml_fingerprint(Path(a.data)) if a.data else model_card_meta(Path(a.onnx)).get("data_fingerprint")
     e = reg.register(Path(a.onnx), a.version, parent=getattr(a, "parent", None), data_fingerprint=fp,
                      data=a.data, notes=a.notes)
     if a.golden:

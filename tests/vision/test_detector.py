@@ -49,10 +49,11 @@ def test_finds_the_items_on_the_simulated_line(detector):
             if ious and max(ious) >= 0.5:
                 found += 1
                 right_class += names[int(det.class_ids[int(np.argmax(ious))])] == cls
+    print(f"found {found}/{total}, right class {right_class}/{found}")
     assert total > 80
     assert found / total >= 0.9, (found, total)
-    # det-v1 measured 138/164 = 0.84 on a clean clone: cells are its weak classes (detector issue)
-    assert right_class / max(found, 1) >= 0.8, (right_class, found)
+    # det-v3 measured 158/176 = 0.90 (det-v1: 0.84): cells are its weak classes (detector issue)
+    assert right_class / max(found, 1) >= 0.87, (right_class, found)
 
 
 def test_nothing_on_an_empty_belt(detector):
