@@ -40,9 +40,10 @@ from firmware_bridge import (  # noqa: E402
     DiverterSetup,
     FaultCode,
     FaultEvent,
+    FiredEvent,
     FirmwareSimulator,
 )
-from firmware_bridge.messages import Message, MsgType  # noqa: E402
+from firmware_bridge.messages import EventAck, Message, MsgType  # noqa: E402
 from firmware_bridge.native import NativeFirmware, NativeFirmwareError, build_host_firmware  # noqa: E402
 
 COUNTS_PER_S = 1000.0
@@ -50,13 +51,19 @@ DIVERTERS = [DiverterSetup(0, 0, 100), DiverterSetup(1, 0, 60_000)]
 
 
 class TimedLink(DiverterLink):
-    """A DiverterLink that remembers when it last wrote a frame (the start of a silence)."""
+    """A DiverterLink that remembers when it last wrote a frame (the start of a silence).
+
+    With heartbeats off, the EventAcks the link writes for the trip's own events (``Ended``, ``Fault``)
+    come after the trip and do not count: v2 acks every event, and counting them would end the silence
+    at the Fault itself (a measured 0 ms).
+    """
 
     last_send_s = 0.0
 
     def _send(self, msg: Message) -> int:
         seq = super()._send(msg)
-        self.last_send_s = time.monotonic()
+        if self.heartbeats_enabled or not isinstance(msg, EventAck):
+            self.last_send_s = time.monotonic()
         return seq
 
 
@@ -129,6 +136,9 @@ def measure_watchdog(kind: str, binary: Path | None, trials: int) -> dict[str, A
             if isinstance(mcu, NativeFirmware):
                 link.fire_now(10 * t + 2, 1, 60_000)  # hold an output on through the silence
             link.wait_settled(1.0)
+            if isinstance(mcu, NativeFirmware):  # its Fired is acked before the silence, not during it
+                wait_for(link, lambda e, c=10 * t + 2: isinstance(e, FiredEvent) and e.command_id == c, 1.0)
+                time.sleep(0.06)
             link.poll_events()
             switches_before = len(mcu.switches) if isinstance(mcu, NativeFirmware) else 0
             link.heartbeats_enabled = False

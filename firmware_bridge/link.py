@@ -159,6 +159,7 @@ class DiverterLink:
         self._stop = threading.Event()
         self._tx_lock = threading.Lock()
         self._tx_seq = 0
+        self._frames_tx = 0  # frames written to the port (under _tx_lock)
         self._state = threading.Condition(threading.RLock())
         self._decoder = FrameDecoder()
 
@@ -408,6 +409,7 @@ class DiverterLink:
                 "crc_errors": stats.crc_errors,
                 "bytes_discarded": stats.bytes_discarded,
                 "frames_rx": stats.frames_ok,
+                "frames_tx": self._frames_tx,
                 "bad_messages": self._bad_messages,
                 "rx_seq_gaps": self._rx_seq_gaps,
                 "naks": dict(self._naks),
@@ -455,6 +457,7 @@ class DiverterLink:
                 ser.write(data)
             except (serial.SerialException, OSError) as exc:
                 raise LinkError(f"writing to {self.url!r} failed: {exc}") from exc
+            self._frames_tx += 1
         return seq
 
     def _emit(self, event: LinkEvent) -> None:

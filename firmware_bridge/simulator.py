@@ -76,6 +76,20 @@ POLL_TIMEOUT_S = 0.001
 FW_VERSION = 0x0200
 
 
+@dataclass(frozen=True)
+class WatchdogTrip:
+    """One watchdog trip, on the clock the watchdog is measured on (seconds), for tests and benches.
+
+    ``previous_check_s`` is the check just before the trip: tripping in the first check past the deadline
+    means ``previous_check_s - last_host_rx_s <= watchdog_ms`` < ``trip_s - last_host_rx_s``.
+    """
+
+    last_host_rx_s: float
+    previous_check_s: float
+    trip_s: float
+    frames_rx: int  # host frames received so far (stats["frames_rx"]) when it tripped
+
+
 @dataclass
 class _Event:
     msg: Message
@@ -122,6 +136,7 @@ class FirmwareSimulator:
         self._pass_cv = threading.Condition()
         self._passes = 0
         self._drop: dict[int, int] = {}
+        self.last_watchdog_trip: WatchdogTrip | None = None
         self.stats: dict[str, int] = {
             "frames_rx": 0, "fired": 0, "naks": 0, "bad_frames": 0, "tx_dropped_bytes": 0,
             "rx_dropped_on_purpose": 0, "watchdog_trips": 0, "boots": 0, "faults": 0, "events": 0,
@@ -212,6 +227,7 @@ class FirmwareSimulator:
         self._estop = getattr(self, "_estop", False)  # the e-stop input survives a reboot
         self._tripped = False
         self._last_host_rx = self._wd_clock()
+        self._last_wd_check = self._last_host_rx
         self._decoder = FrameDecoder()
         self._tx = bytearray()
         self._tx_seq = 0
@@ -538,13 +554,16 @@ class FirmwareSimulator:
                 self._send(ev.msg)
 
     def _check_watchdog(self) -> None:
+        now = self._wd_clock()
+        previous, self._last_wd_check = self._last_wd_check, now
         if self._config is None or self._tripped:
             return
-        silent_s = self._wd_clock() - self._last_host_rx
+        silent_s = now - self._last_host_rx
         if silent_s * 1000.0 <= self._config.watchdog_ms:
             return
         self._tripped = True
         self.stats["watchdog_trips"] += 1
+        self.last_watchdog_trip = WatchdogTrip(self._last_host_rx, previous, now, self.stats["frames_rx"])
         n = self._cancel_all(NakReason.WATCHDOG)
         log.warning("watchdog: no host frame for %.0f ms; cancelled %d queued commands", silent_s * 1000, n)
         self._fault(FaultCode.WATCHDOG, n)

@@ -20,8 +20,11 @@
  *   drop TYPE N         drop the next N valid host frames of msg type TYPE      -> "ok"
  *   state               -> "state boot=.. configured=.. queue=.. estop=.. tripped=.. count=.. time=..
  *                           rate_dc=.. rate_dt=.. frames_rx=.. crc_errors=.. malformed=.. fired=.. tx_dropped=..
- *                           faults=.. events_pending=.. events_dropped=.. watchdog_trips=.."
- *                       (faults and watchdog_trips count every boot since the process started)
+ *                           faults=.. events_pending=.. events_dropped=.. watchdog_trips=..
+ *                           wd_last_rx=.. wd_prev_poll=.. wd_trip=.. wd_frames_rx=.."
+ *                       (faults and watchdog_trips count every boot since the process started; the wd_
+ *                       fields describe the latest watchdog trip on the MCU clock: the last host frame's
+ *                       time, the service pass before the trip, the trip, and frames_rx then; 0 if none)
  *   quit                exit 0 (EOF on stdin too)
  * Asynchronous lines, whenever an output switches:
  *   act on DIVERTER ON_COUNT PULSE_MS COMMAND_ID TIME_US COUNT_NOW
@@ -62,6 +65,9 @@ static int64_t g_count;
 static uint32_t g_rng;
 static uint32_t g_faults_before; /* faults / watchdog trips of earlier boots, so `state` counts them all */
 static uint32_t g_trips_before;
+static uint64_t g_prev_poll_us; /* MCU time of the last kz_poll */
+static uint64_t g_wd_last_rx_us, g_wd_prev_poll_us, g_wd_trip_us; /* the latest watchdog trip */
+static uint32_t g_wd_frames_rx;
 
 static void now_world(uint64_t *t_us, int64_t *count) {
     if (!g_manual) {
@@ -137,12 +143,14 @@ static void power_on(void) {
     g_faults_before += g_mcu.faults;
     g_trips_before += g_mcu.watchdog_trips;
     kz_init(&g_mcu, &g_hal, next_boot_id(), t, g_estop);
+    g_prev_poll_us = t;
 }
 
 static void service_pass(void) {
     uint8_t buf[4096];
     uint64_t t;
     int64_t c;
+    uint32_t trips;
     for (;;) {
         ssize_t n = read(g_fd, buf, sizeof buf);
         if (n <= 0) break; /* EAGAIN: drained; EIO: no slave opener yet */
@@ -151,7 +159,15 @@ static void service_pass(void) {
         if ((size_t)n < sizeof buf) break;
     }
     now_world(&t, &c);
+    trips = g_mcu.watchdog_trips;
     kz_poll(&g_mcu, t, c);
+    if (g_mcu.watchdog_trips != trips) { /* record it on the MCU clock, for the real-time tests */
+        g_wd_last_rx_us = g_mcu.last_host_rx_us;
+        g_wd_prev_poll_us = g_prev_poll_us;
+        g_wd_trip_us = t;
+        g_wd_frames_rx = g_mcu.frames_rx;
+    }
+    g_prev_poll_us = t;
     flush_tx();
 }
 
@@ -205,11 +221,13 @@ static int handle_control(char *line) {
         printf("state boot=%" PRIu32 " configured=%d queue=%d estop=%d tripped=%d count=%" PRId64 " time=%" PRIu64
                " rate_dc=%" PRId64 " rate_dt=%" PRId64 " frames_rx=%" PRIu32 " crc_errors=%" PRIu32
                " malformed=%" PRIu32 " fired=%" PRIu32 " tx_dropped=%lu faults=%" PRIu32 " events_pending=%u"
-               " events_dropped=%u watchdog_trips=%" PRIu32 "\n",
+               " events_dropped=%u watchdog_trips=%" PRIu32 " wd_last_rx=%" PRIu64 " wd_prev_poll=%" PRIu64
+               " wd_trip=%" PRIu64 " wd_frames_rx=%" PRIu32 "\n",
                g_mcu.boot_id, g_mcu.configured, g_mcu.queue_depth, g_mcu.estop, g_mcu.tripped, g_count, g_time_us,
                dc, dt, g_mcu.frames_rx, g_mcu.crc_errors, g_mcu.malformed, g_mcu.fired, g_tx_dropped,
                g_faults_before + g_mcu.faults, (unsigned)g_mcu.event_count, (unsigned)g_mcu.events_dropped,
-               g_trips_before + g_mcu.watchdog_trips);
+               g_trips_before + g_mcu.watchdog_trips, g_wd_last_rx_us, g_wd_prev_poll_us, g_wd_trip_us,
+               g_wd_frames_rx);
         return 0;
     } else if (strcmp(cmd, "sync") != 0) {
         printf("err unknown control line '%s': use set/sync/estop/reset/drop/state/quit\n", cmd);

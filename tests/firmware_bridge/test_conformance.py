@@ -424,32 +424,85 @@ def test_mcu_reset_is_detected_and_configuration_restored(ready) -> None:
 
 
 # ------------------------------------------------------------------------------------------- real time
-@pytest.mark.parametrize("kind", MCU_KINDS)
-def test_watchdog_in_real_time_when_host_goes_silent(kind: str, request: pytest.FixtureRequest) -> None:
-    """A real-time belt: the host stops heartbeating; the MCU's own clock trips the watchdog."""
+WATCHDOG_MS = 250
+
+
+def _silent_host_trial(kind: str, request: pytest.FixtureRequest) -> bool:
+    """One real-time trial; False if the host itself stalled past the watchdog before it went silent."""
     if kind == "python-sim":
         env = ConstantSpeedEnvironment(mm_per_count=0.5, speed_mm_s=500.0)
         served = FirmwareSimulator.on_new_pty(env)
     else:
         served = NativeFirmware(request.getfixturevalue("c_core_binary"), counts_per_s=1000.0)
+
+    def mcu_trips() -> int:
+        return served.stats["watchdog_trips"] if kind == "python-sim" else served.state()["watchdog_trips"]
+
+    def mcu_frames_rx() -> int:
+        return served.stats["frames_rx"] if kind == "python-sim" else served.state()["frames_rx"]
+
     with served:
         with DiverterLink(served.slave_path) as link:
-            link.configure(0.5, [DiverterSetup(0, 5_000, 100)], watchdog_ms=250)
+            link.configure(0.5, [DiverterSetup(0, 5_000, 100)], watchdog_ms=WATCHDOG_MS)
             time.sleep(0.05)
             count_now = link.belt_clock.count_at(time.monotonic())
             link.fire_at(1, 0, int(count_now) + 100_000, 10)
             assert link.wait_settled(1.0)
             link.heartbeats_enabled = False
-            silent_since = time.monotonic()
+            if mcu_trips() != 0:  # a legitimate trip: this host (not the MCU) was starved >= 250 ms
+                return False
             events = []
+            deadline = time.monotonic() + 5.0  # liveness only; the timing is judged on the MCU's clock
             while not any(isinstance(e, FaultEvent) for e in events):
-                assert time.monotonic() < silent_since + 2.0, f"no watchdog fault; events {events}"
+                assert time.monotonic() < deadline, f"no watchdog fault; events {events}"
                 time.sleep(0.002)
                 events += link.poll_events()
             fault = next(e for e in events if isinstance(e, FaultEvent))
             assert fault.code == FaultCode.WATCHDOG and fault.detail == 1
-            # Generous bounds: this checks the rule, not speed (bench/link.py measures the time).
-            assert 0.25 - 0.06 <= fault.host_time_s - silent_since <= 0.25 + 0.5
-            assert any(isinstance(e, NakEvent) and e.reason == NakReason.WATCHDOG for e in events)
+            wait_until(lambda: any(isinstance(e, NakEvent) and e.reason == NakReason.WATCHDOG
+                                   for e in events + link.poll_events()), what="Ended(WATCHDOG) of command 1")
+            # The MCU heard every frame the host wrote (pty: lossless), so its silence is the host's.
+            wait_until(lambda: mcu_frames_rx() == link.health()["frames_tx"], timeout=2.0,
+                       what="the MCU to have received every host frame")
+            assert mcu_trips() == 1
+            # The rule, on the MCU's own clock (not wall-clock, so host scheduling cannot skew it): the trip
+            # came strictly after watchdog_ms of silence since the last host frame, in the first service
+            # pass past that deadline (the pass before it was still within the deadline), and no host frame
+            # had been received since the last one before the silence.
+            if kind == "python-sim":
+                trip = served.last_watchdog_trip
+                assert trip is not None
+                last_rx_us, prev_us, trip_us = (round(t * 1e6) for t in
+                                                (trip.last_host_rx_s, trip.previous_check_s, trip.trip_s))
+                frames_at_trip = trip.frames_rx
+            else:
+                st = served.state()
+                last_rx_us, prev_us, trip_us = st["wd_last_rx"], st["wd_prev_poll"], st["wd_trip"]
+                frames_at_trip = st["wd_frames_rx"]
+            assert trip_us - last_rx_us > WATCHDOG_MS * 1000, (last_rx_us, prev_us, trip_us)
+            assert last_rx_us <= prev_us and prev_us - last_rx_us <= WATCHDOG_MS * 1000, (last_rx_us, prev_us, trip_us)
+            # Every host frame but the EventAcks (of the trip's Ended and Fault, every copy; there were no
+            # events before it) had reached the MCU when it tripped: its last one was the host's last one.
+            def before_trip() -> int:
+                h = link.health()
+                return h["frames_tx"] - h["events_rx"] - h["event_dups"]
+
+            wait_until(lambda: before_trip() == frames_at_trip, what=f"{frames_at_trip} host frames before the trip")
     fired = list(env.actuations) if kind == "python-sim" else served.fired()
     assert fired == []
+    return True
+
+
+@pytest.mark.parametrize("kind", MCU_KINDS)
+def test_watchdog_in_real_time_when_host_goes_silent(kind: str, request: pytest.FixtureRequest) -> None:
+    """A real-time belt: the host stops heartbeating; the MCU's own clock trips the watchdog.
+
+    Timing is judged on the MCU's clock (its record of the trip), so a loaded test machine that delays the
+    Fault's arrival cannot fail it, and cannot hide an early or late trip either (bench/link.py measures the
+    wall-clock time to safe state). A trial in which the host's own threads stalled past the watchdog before
+    the silence began (the MCU then rightly trips early) is repeated, at most three times.
+    """
+    for _ in range(3):
+        if _silent_host_trial(kind, request):
+            return
+    pytest.fail("the host stalled >= 250 ms before going silent in 3 trials: the machine is too loaded")
