@@ -20,7 +20,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 	@# the HMI's browser tests drive Debian's chromium (Playwright's own download is not used)
 	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium fonts-noto-cjk; }
 	@# the plant-link tests start a real MQTT broker and PostgreSQL server on loopback (docs/PLANT.md)
-	@test -x /usr/sbin/mosquitto && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update && apt-get install -y mosquitto postgresql; }
+	@test -x /usr/sbin/mosquitto && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto postgresql; }
 	@touch $@
 
 run: $(VENV)/.runtime

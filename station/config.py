@@ -256,6 +256,13 @@ class MqttConfig(_Section):
     counters_interval_s: float = Field(10.0, gt=0, le=3600)
     health_interval_s: float = Field(10.0, gt=0, le=3600)
     outbox_path: str = Field("", description="the publisher's cursor file; empty = beside the records file")
+    confirm_timeout_s: float = Field(10.0, gt=0, le=3600, description="the plant's confirm behind the broker's acks "
+                                     "this long: send again from the confirmed item (a broker that lost the "
+                                     "plant's session acknowledged and dropped them)")
+    confirm_timeout_max_s: float = Field(300.0, gt=0, le=86400, description="the wait doubles after each rewind "
+                                         "that brings no progress, up to this")
+    max_unconfirmed: int = Field(2000, ge=0, le=10_000_000, description="items sent beyond the plant's confirm "
+                                 "at most (the rest waits in the records database); 0 = no limit")
 
 
 class MetricsConfig(_Section):

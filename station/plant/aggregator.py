@@ -9,7 +9,10 @@ it again, and the insert is idempotent (primary key station_id + item_id, ON CON
 
 Per station it follows the items' `prev_id` chain and publishes, retained, on
 `kozan/v1/<station>/confirm` the id up to which it holds every item; the station re-sends from
-there after it reconnects to a broker that may have lost messages.
+there after it reconnects to a broker that may have lost messages. The confirms go out again
+after every (re)connect (a broker that died may have lost the retained ones) and whenever a
+station sends an item the plant already holds (it is going back to the last confirm it heard).
+It subscribes on every connect: a broker that lost the session does not remember subscriptions.
 """
 from __future__ import annotations
 
@@ -142,6 +145,7 @@ class Aggregator:
         self._username, self._password = username, password
         self._through: dict[str, int] = {}
         self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
         self._stop = threading.Event()
         self._db_broken = threading.Event()
         self._conn: Any = None
@@ -191,8 +195,9 @@ class Aggregator:
                     c.execute("UPDATE plant_stations SET through_id=%s, last_seen=now() WHERE station_id=%s",
                               (new, station))
             self._through[station] = new
-            if new != through:
-                self._dirty.add(station)
+            if new != through or not cur.rowcount:   # a repeat: the station wants to hear the confirm again
+                with self._dirty_lock:
+                    self._dirty.add(station)
         elif kind == "counters":
             c.execute("INSERT INTO plant_counters (station_id, ts, run_id, payload) VALUES (%s, %s, %s, %s) "
                       "ON CONFLICT DO NOTHING", (station, d["ts"], d.get("run_id"), json.dumps(d)))
@@ -211,6 +216,8 @@ class Aggregator:
             log.warning("plant: broker refused the connection: %s", reason_code)
             return
         self.connected = True
+        with self._dirty_lock:                  # the broker may have lost the retained confirms
+            self._dirty.update(self._through)
         client.subscribe([(f"{topics.ROOT}/+/items", 1), (f"{topics.ROOT}/+/counters", 1),
                           (f"{topics.ROOT}/+/health", 1)])
         log.info("plant: connected to %s:%d (session present: %s)", self.mqtt_host, self.mqtt_port,
@@ -252,8 +259,9 @@ class Aggregator:
         client.ack(msg.mid, msg.qos)
 
     def _publish_confirms(self) -> None:
-        for station in list(self._dirty):
-            self._dirty.discard(station)
+        with self._dirty_lock:
+            stations, self._dirty = self._dirty, set()
+        for station in sorted(stations):
             self._client.publish(topics.topic(station, "confirm"),
                                  topics.dumps({"v": 1, "station": station, "through": self._through[station],
                                                "plant": self.client_id}), qos=1, retain=True)

@@ -44,6 +44,8 @@ def start_plant_services(station: Any) -> PlantServices:
             outbox_path=station.cfg.resolve(m.outbox_path) if m.outbox_path else None, keepalive_s=m.keepalive_s,
             settle_s=m.settle_s, max_inflight=m.max_inflight, counters_interval_s=m.counters_interval_s,
             health_interval_s=m.health_interval_s, username=m.username,
+            confirm_timeout_s=m.confirm_timeout_s, confirm_timeout_max_s=m.confirm_timeout_max_s,
+            max_unconfirmed=m.max_unconfirmed,
             password=os.environ.get("KOZAN_MQTT_PASSWORD", ""),
             counters_fn=lambda: station.core.counters.as_dict(),
             health_fn=lambda: {"state": station.state.state.value, "fps": round(station.stats.fps, 2),

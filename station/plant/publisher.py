@@ -16,6 +16,15 @@ everything. A broker that restarts may have lost messages it had already acknowl
 keeps them in memory between autosaves), so after every reconnect the publisher goes back to the
 confirmed id and sends again from there; the aggregator's insert is idempotent, so the repeats
 cost bandwidth, never a duplicate row.
+
+A reconnect is not enough: a broker that lost the aggregator's session (killed before it saved
+it) acknowledges what the station re-sends and drops it, because nobody is subscribed yet. So,
+while connected, the publisher also watches the confirm: when `confirmed_id` has stayed behind
+`acked_id` for `confirm_timeout_s`, it goes back to `confirmed_id` and sends again from there;
+each further rewind without progress waits twice as long (up to `confirm_timeout_max_s`), and
+progress resets the wait. And it never runs more than `max_unconfirmed` items ahead of the
+plant's confirm: with the aggregator away the rest waits in SQLite, not in the broker's queue,
+so a rewind re-sends a bounded window.
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ class Publisher:
                  outbox_path: str | Path | None = None, keepalive_s: int = 15, settle_s: float = 10.0,
                  max_inflight: int = 100, poll_s: float = 0.2, counters_interval_s: float = 5.0,
                  health_interval_s: float = 10.0, username: str = "", password: str = "",
+                 confirm_timeout_s: float = 10.0, confirm_timeout_max_s: float = 300.0, max_unconfirmed: int = 2000,
                  counters_fn: Callable[[], dict[str, Any]] | None = None,
                  health_fn: Callable[[], dict[str, Any]] | None = None):
         import paho.mqtt.client as mqtt
@@ -60,6 +70,12 @@ class Publisher:
         self.health_interval_s = health_interval_s
         self.counters_fn = counters_fn
         self.health_fn = health_fn
+        self.confirm_timeout_s = float(confirm_timeout_s)
+        self.confirm_timeout_max_s = max(float(confirm_timeout_max_s), self.confirm_timeout_s)
+        self.max_unconfirmed = int(max_unconfirmed)     # 0: no limit
+        self._stall_wait_s = self.confirm_timeout_s     # grows while rewinds bring no progress
+        self._progress_at = time.monotonic()            # the confirm last moved (or caught up, or we (re)connected)
+        self._progress_mark = -2                        # set on the first look
         self.cursor = OutboxCursor(outbox_path or default_outbox_path(self.records_path), self.station,
                                    self.records_path)
         self.acked_id = self.cursor.acked_id
@@ -179,6 +195,8 @@ class Publisher:
                     self._after_reconnect()
                 self._take_acks()
                 if self.connected:
+                    self._watch_confirm()
+                if self.connected:
                     self._fill_window()
                 now = time.monotonic()
                 if (self.acked_id, self.confirmed_id) != saved:
@@ -211,6 +229,33 @@ class Publisher:
                      self.confirmed_id, self.acked_id)
             self.acked_id = self.confirmed_id
             self.rewinds += 1
+        self._progress_at = time.monotonic()
+        self._reset_window()
+
+    def _watch_confirm(self) -> None:
+        """Go back to the plant's confirmed id when it has stayed behind the broker's acks too long:
+        the broker acknowledged items it then dropped (a lost session: nobody was subscribed)."""
+        now = time.monotonic()
+        confirmed = max(self.confirmed_id, 0)
+        if confirmed != self._progress_mark:            # the plant moved: all is well, start over
+            if confirmed > self._progress_mark:
+                self._stall_wait_s = self.confirm_timeout_s
+            self._progress_mark = confirmed
+            self._progress_at = now
+        if confirmed >= self.acked_id:                  # nothing acked that the plant has not confirmed
+            self._progress_at = now
+            return
+        if now - self._progress_at < self._stall_wait_s:
+            return
+        log.warning("plant: the plant confirmed item %d but the broker acked %d, and no progress for %.0f s; "
+                    "sending again from item %d", confirmed, self.acked_id, now - self._progress_at, confirmed + 1)
+        self.acked_id = confirmed
+        self.rewinds += 1
+        self._stall_wait_s = min(self._stall_wait_s * 2, self.confirm_timeout_max_s)
+        self._progress_at = now
+        self._reset_window()
+
+    def _reset_window(self) -> None:
         self._mid_row.clear()
         self._sent_order.clear()
         self._acked_rows.clear()
@@ -244,6 +289,8 @@ class Publisher:
 
     def _fill_window(self) -> None:
         room = self.max_inflight - len(self._sent_order)
+        if self.max_unconfirmed > 0:     # the broker's queue is no outbox: the rest waits here
+            room = min(room, max(self.confirmed_id, 0) + self.max_unconfirmed - self._next_after)
         db = self._records()
         if room > 0:
             rows = db.execute("SELECT i.*, r.ended_at AS run_ended_at FROM items i JOIN runs r ON r.id = i.run_id "
