@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -81,14 +82,26 @@ def write_synth_dataset(
     totals: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
     workers = workers or max(1, (os.cpu_count() or 2))
     done = 0
-    with ProcessPoolExecutor(max_workers=workers) as ex:
-        for (job, (_, counts)) in zip(jobs, ex.map(_write_one, jobs, chunksize=8)):
+    # Never fork: the caller may hold onnxruntime/OpenCV/torch threads (a test process, a running
+    # station), and a forked child can inherit a lock one of them held and hang forever. Spawned
+    # workers start clean; one worker needs no pool at all.
+    if workers == 1:
+        results = map(_write_one, jobs)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_write_one, jobs, chunksize=8)
+    try:
+        for (job, (_, counts)) in zip(jobs, results):
             split = job[1]
             for k, v in counts.items():
                 totals[split][k] = totals[split].get(k, 0) + v
             done += 1
             if progress:
                 progress(done, len(jobs))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     tax = load_taxonomy()
     data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val",
             "names": {c.id: c.name for c in tax.classes}}
