@@ -97,8 +97,12 @@ class Capture:
 
     def __init__(self, cfg: CaptureConfig, root: Path, names: tuple[str, ...], alarms: AlarmBoard,
                  model_version: Callable[[], str], truth: Callable[[], list] | None = None,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, wait_for_writer: bool = False):
         self.cfg = cfg
+        # Virtual time (`kozan sim --fast`, tests) has no frame deadline, so a writer that falls behind
+        # costs nothing the line would feel there: wait for it rather than drop, and the set of captures
+        # stays a function of the seed instead of the machine's load. A real line never waits.
+        self.wait_for_writer = wait_for_writer
         self.root = Path(root)
         self.names = tuple(names)
         self.alarms = alarms
@@ -152,7 +156,7 @@ class Capture:
         return False
 
     def on_frame(self, res: Any, outcomes: dict[int, str] | None = None) -> None:
-        """After a frame: capture decided items that are worth it. Never blocks, never raises."""
+        """After a frame: capture decided items that are worth it. Never raises; never blocks on a line."""
         if not res.decisions or not self.active:
             return
         try:
@@ -211,7 +215,10 @@ class Capture:
             full["sim_truth"] = [[n, *[round(float(v), 1) for v in b]] for n, b in self.truth()]
         job = _Job(name, frame.image, det.boxes.copy(), det.class_ids.copy(), det.scores.copy(), full)
         try:
-            self._q.put_nowait(job)
+            if self.wait_for_writer:
+                self._q.put(job, timeout=30.0)
+            else:
+                self._q.put_nowait(job)
         except queue.Full:
             self.stats.dropped_queue_full += 1
             return None
@@ -283,13 +290,14 @@ class Capture:
 
 
 def open_capture(cfg: Any, names: tuple[str, ...], alarms: AlarmBoard, model_version: Callable[[], str],
-                 truth: Callable[[], list] | None = None, root: Path | None = None) -> Capture | None:
+                 truth: Callable[[], list] | None = None, root: Path | None = None,
+                 wait_for_writer: bool = False) -> Capture | None:
     """A `Capture` when `capture.enabled`, else None. A folder that cannot be made stops capture, not the line."""
     if not cfg.capture.enabled:
         return None
     root = Path(root) if root is not None else cfg.resolve(cfg.capture.dir)
     try:
-        return Capture(cfg.capture, root, names, alarms, model_version, truth)
+        return Capture(cfg.capture, root, names, alarms, model_version, truth, wait_for_writer=wait_for_writer)
     except OSError as e:
         alarms.raise_("capture_stopped", Severity.WARNING,
                       f"dataset capture off: cannot use {root} ({e.strerror or e}); the line runs without it")

@@ -31,7 +31,7 @@ def _scene(k: int) -> np.ndarray:
 
 def make_collected(root: Path, n: int = 6, dup_of: dict[int, int] | None = None) -> Capture:
     cap = Capture(CaptureConfig(enabled=True, random_rate=0.0, max_per_min=6000), root, NAMES, AlarmBoard(),
-                  lambda: "det-test")
+                  lambda: "det-test", wait_for_writer=True)
     from types import SimpleNamespace
 
     for k in range(1, n + 1):
