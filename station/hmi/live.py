@@ -139,6 +139,8 @@ class LiveMonitor:
             "manual_next": st.core.sorter.manual_next,
             "preview_seq": self.preview.seq,
             "model": st.core.model_version,
+            # the "wrong bin" flag saves the item's frame: offered only when capture is on to save it
+            "capture": getattr(st, "capture", None) is not None,
             "shift": {
                 "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(self._shift_start_wall)),
                 "elapsed_s": round(elapsed), "running_s": round(self._running_s),

@@ -1,6 +1,6 @@
 """End to end: `kozan run` on the simulated line, its HMI in a real headless Chromium (Playwright).
 
-What an operator does, on the real page: watch the counters grow, stop and start the line,
+What an operator does, on the real page: watch the counters grow, flag an item in the wrong bin, stop and start the line,
 acknowledge an alarm, switch to Japanese, try a wrong and a right technician PIN; and the page
 finds the station again after a restart. Screenshots at 1280x800 and 1920x1080, English and
 Japanese, go to docs/hmi/.
@@ -35,7 +35,7 @@ class RunningKozan:
     def __init__(self, tmp: Path, port: int):
         env = dict(os.environ, PYTHONUNBUFFERED="1", KOZAN_HMI_PIN=PIN)
         sets = {"hmi.port": port, "records.path": tmp / "records.sqlite", "hmi.audit_path": tmp / "audit.jsonl",
-                "sim.items_per_min": 300,
+                "sim.items_per_min": 300, "capture.enabled": "true", "capture.dir": tmp / "captures",
                 # provoke alarms: no divert command can be in time, and uncertain items raise one quickly
                 "line.command_margin_ms": 1000, "hmi.low_conf_window": 10, "hmi.push_interval_s": 0.3}
         cmd = [sys.executable, "-m", "station.cli", "run", *test_model_override()]
@@ -113,6 +113,14 @@ def test_operator_session_on_the_real_page(browser: Any, tmp_path: Path) -> None
         pw.expect(page.get_by_test_id("recent-item").first).to_be_visible()
         wait_for(lambda: page.eval_on_selector("[data-testid=live-img]", "i => i.naturalWidth") > 0, 30,
                  "the live view image")
+
+        # "this one went to the wrong bin": the operator's flag saves the item's frame for relabelling
+        flag = page.locator("[data-testid^=wrong-bin-]").first
+        flag_id = flag.get_attribute("data-testid")
+        flag.click()
+        pw.expect(page.locator(f"[data-testid={flag_id}]")).to_be_disabled(timeout=10_000)
+        wait_for(lambda: list((tmp_path / "captures" / "meta").glob(f"*_t{flag_id.rsplit('-', 1)[1]}.json")), 10,
+                 "the flagged item's capture on disk")
 
         # an alarm (missed items or uncertain items, provoked by the configuration) is acknowledged
         ack = page.locator("[data-testid^=ack-]").first

@@ -131,10 +131,15 @@ function render(s) {
     const why = it.outcome === "missed" ? t("outcome.missed") : t(`reason.${it.reason}`);
     tx.append(el("div", "", why)); li.append(tx);
     // operator: "this one went to the wrong bin" -> its frame is captured for relabelling
-    const wb = el("button", `btn btn-flag${it.flagged ? " flagged" : ""}`, `⚑ ${t("btn.wrong_bin")}`);
-    wb.setAttribute("data-testid", `wrong-bin-${it.track_id}`); wb.disabled = !!it.flagged;
-    wb.onclick = async () => { const r = await act(`/api/items/${it.track_id}/wrong-bin`, { note: "" }); if (r) toast(t("recent.flagged", { id: it.track_id }), true); };
-    li.append(wb); rc.append(li);
+    // a 48 px flag over the thumbnail (a gloved finger's target), offered only while capture is on
+    if (s.capture) {
+      const wb = el("button", `btn btn-flag${it.flagged ? " flagged" : ""}`, "⚑");
+      wb.title = t("btn.wrong_bin"); wb.setAttribute("aria-label", t("btn.wrong_bin"));
+      wb.setAttribute("data-testid", `wrong-bin-${it.track_id}`); wb.disabled = !!it.flagged;
+      wb.onclick = async () => { const r = await act(`/api/items/${it.track_id}/wrong-bin`, { note: "" }); if (r) toast(t("recent.flagged", { id: it.track_id }), true); };
+      li.append(wb);
+    }
+    rc.append(li);
   }
   $("manual-pending").textContent = s.manual_next > 0 ? t("manual_pending", { n: s.manual_next }) : "";
   loadPreview(s.preview_seq);
