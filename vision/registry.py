@@ -6,8 +6,9 @@ Layout (every file beside the others in one folder):
     models/<version>.pt           its ultralytics weights: what `kozan model train --from <version>` starts from
     models/<version>.card.json    model card: parent, data fingerprint, golden-set metrics, latency, notes
     models/ACTIVE.json            the pointer: {"version": ..., "history": [older active versions, newest last]}
-    models/active.onnx (+ .pt)    the legacy single-model layout (det-v1): still what runs while ACTIVE.json
-                                  does not exist; the first promotion copies it in as its own version
+    models/active.onnx (+ .pt)    the single-model layout of an install from before the registry: what runs
+                                  while ACTIVE.json does not exist; the first promotion copies it in as its
+                                  own version (the repository itself ships no such file)
 
 `detector.model: models/active.onnx` (the default) keeps working: with an ACTIVE.json beside it,
 it means "the registry's active version"; any other path is taken literally.

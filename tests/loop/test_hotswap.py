@@ -55,11 +55,11 @@ def test_running_station_hot_swaps_refuses_bad_models_and_follows_the_registry(t
     from station.config import config_from_dict
     from station.runtime import Station
     from tests.hmi.conftest import wait_for
-    from vision.registry import Registry
+    from vision.registry import Registry, resolve_model_path
 
     models = tmp_path / "models"
     models.mkdir()
-    shutil.copy2(REPO / "models" / "active.onnx", models / "active.onnx")
+    shutil.copy2(resolve_model_path(REPO / "models" / "active.onnx"), models / "active.onnx")   # legacy layout
     cfg = config_from_dict({"detector": {"model": str(models / "active.onnx")}, "hmi": {"enabled": False},
                             "capture": {"enabled": True, "dir": str(tmp_path / "collected"), "random_rate": 0.0}})
     st = Station(cfg, records_path=str(tmp_path / "r.sqlite"))
