@@ -97,7 +97,8 @@ class Capture:
 
     def __init__(self, cfg: CaptureConfig, root: Path, names: tuple[str, ...], alarms: AlarmBoard,
                  model_version: Callable[[], str], truth: Callable[[], list] | None = None,
-                 wall_clock: Callable[[], float] = time.time, wait_for_writer: bool = False):
+                 wall_clock: Callable[[], float] = time.time, wait_for_writer: bool = False,
+                 run_id: str | None = None):
         self.cfg = cfg
         # Virtual time (`kozan sim --fast`, tests) has no frame deadline, so a writer that falls behind
         # costs nothing the line would feel there: wait for it rather than drop, and the set of captures
@@ -110,7 +111,8 @@ class Capture:
         self.truth = truth                 # the simulated line's ground truth (the labeller's key); None on a line
         self.wall = wall_clock
         self.stats = CaptureStats()
-        self.run_id = uuid.uuid4().hex[:6]
+        # in every capture's name; `kozan dataset split` keeps a run's track together by it
+        self.run_id = run_id or uuid.uuid4().hex[:6]
         self._rng = np.random.default_rng(cfg.seed)
         self._n = 0
         self._tokens = 1.0
@@ -291,13 +293,14 @@ class Capture:
 
 def open_capture(cfg: Any, names: tuple[str, ...], alarms: AlarmBoard, model_version: Callable[[], str],
                  truth: Callable[[], list] | None = None, root: Path | None = None,
-                 wait_for_writer: bool = False) -> Capture | None:
+                 wait_for_writer: bool = False, run_id: str | None = None) -> Capture | None:
     """A `Capture` when `capture.enabled`, else None. A folder that cannot be made stops capture, not the line."""
     if not cfg.capture.enabled:
         return None
     root = Path(root) if root is not None else cfg.resolve(cfg.capture.dir)
     try:
-        return Capture(cfg.capture, root, names, alarms, model_version, truth, wait_for_writer=wait_for_writer)
+        return Capture(cfg.capture, root, names, alarms, model_version, truth, wait_for_writer=wait_for_writer,
+                       run_id=run_id)
     except OSError as e:
         alarms.raise_("capture_stopped", Severity.WARNING,
                       f"dataset capture off: cannot use {root} ({e.strerror or e}); the line runs without it")

@@ -47,7 +47,7 @@ def cmd_model_train(a: argparse.Namespace) -> int:
         run = train(TrainRecipe(data=Path(a.data), model=a.model, imgsz=a.imgsz, epochs=a.epochs, batch=a.batch,
                                 workers=a.workers, threads=a.threads, name=a.name, resume=a.resume,
                                 project=Path(a.project), lr0=a.lr0, warmup_epochs=a.warmup_epochs,
-                                close_mosaic=a.close_mosaic, hours=a.hours))
+                                close_mosaic=a.close_mosaic, hours=a.hours, freeze=a.freeze, nbs=a.nbs))
     except TrainExtraMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -147,7 +147,14 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="resume the run's last checkpoint")
     t.add_argument("--lr0", type=float, default=None, help="initial learning rate (SGD); default: ultralytics' choice")
     t.add_argument("--warmup-epochs", type=float, default=3.0, help="0 when fine-tuning trained weights")
-    t.add_argument("--close-mosaic", type=int, default=2, help="last epochs trained without mosaic")
+    t.add_argument("--close-mosaic", type=int, default=2, help="last epochs trained without mosaic "
+                   "(= --epochs for none: mosaic shrinks a line frame's small cells further)")
+    t.add_argument("--freeze", type=int, default=None,
+                   help="keep the first N layers as they are (10: YOLO11's backbone) — for a fine-tune on a few "
+                        "hundred captured frames")
+    t.add_argument("--nbs", type=int, default=None,
+                   help="images per optimiser step (ultralytics accumulates to 64; set it to --batch for a "
+                        "fine-tune on few frames)")
     t.add_argument("--hours", type=float, default=None,
                    help="time budget in hours; the schedule is fitted to it (overrides --epochs)")
     t.set_defaults(func=cmd_model_train)

@@ -77,7 +77,10 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
         capture = open_capture(cfg, tuple(det.names), core.alarms, lambda: core.model_version,
                                truth=lambda: camera.last_truth,
                                root=Path(capture_dir) if capture_dir is not None else None,
-                               wait_for_writer=True)          # virtual time: no frame deadline to protect
+                               wait_for_writer=True,          # virtual time: no frame deadline to protect
+                               # the same run (seed, look, items) captures the same frames under the same
+                               # names' run part, so a dataset split of them is the same each time too
+                               run_id=f"s{cfg.sim.seed if seed is None else seed}l{look_seed or 0}n{n_items}")
         core.capture = capture
     records.start_run("sim-fast", det.info.version, cfg.model_dump(mode="json"))
     period = 1.0 / cfg.camera.fps

@@ -66,6 +66,10 @@ class TrainRecipe:
     warmup_epochs: float = 3.0         # fine-tuning from trained weights needs none
     close_mosaic: int = 2
     hours: float | None = None         # a time budget: ultralytics fits the schedule to it (overrides epochs)
+    # ultralytics accumulates gradients up to a "nominal batch" of 64 images per optimiser step: a
+    # fine-tune on a station's few dozen frames would take one step an epoch. nbs=batch steps every batch.
+    nbs: int | None = None
+    freeze: int | None = None          # keep the first N layers (the backbone: 10 for YOLO11) as they are
 
 
 def train(recipe: TrainRecipe) -> Path:
@@ -87,6 +91,7 @@ def train(recipe: TrainRecipe) -> Path:
         # for cells), modest scale jitter (the camera's distance is fixed on a station).
         fliplr=0.5, flipud=0.5, degrees=0.0, hsv_h=0.0, scale=0.3, mosaic=1.0, close_mosaic=recipe.close_mosaic,
         warmup_epochs=recipe.warmup_epochs, **({"time": recipe.hours} if recipe.hours else {}), **({"lr0": recipe.lr0, "optimizer": "SGD"} if recipe.lr0 else {}),
+        **({"nbs": recipe.nbs} if recipe.nbs else {}), **({"freeze": recipe.freeze} if recipe.freeze else {}),
     )
     return run_dir
 

@@ -5,17 +5,24 @@ At CI scale, on the simulated line in virtual time:
      captures what the model was unsure of (and a random sample);
   2. a labeller corrects the pre-labels — here from the simulator's ground truth, through the
      same CVAT export/import a person would use;
-  3. the shipped model's weights are fine-tuned briefly on the corrected frames (ultralytics);
+  3. the station's model is fine-tuned briefly on the corrected frames (ultralytics): backbone
+     frozen, no mosaic (it shrinks a line frame's small cells further), one optimiser step per
+     batch (ultralytics would otherwise accumulate to 64 images: one step an epoch on this data);
   4. the result is exported, carded in a registry, and promoted through the gate (golden set:
      held-out captured frames, per-class AP50 against the active model);
   5. a new stream of items (never seen in training) runs twice under the same look: once with
      the old model, once hot-swapping to the promoted model in the background as the run starts.
 Purity and recovery of both runs are printed; the promoted model must do better.
 
-Why the shipped model is the weak one: det-v1 was trained only on randomised synthetic scenes,
-and on this line's look it recovers well under half the items it should (see the integration
-test's floor). That domain gap is exactly what a station's own frames close, so the test needs
-no artificial handicap. Run `python -m tests.loop.test_loop_closes --items 200 --epochs 10` for
+The station starts on det-v1, the first shipped version (kept in the registry as the active
+model's ancestor): it was trained only on randomised synthetic scenes, and on this line's look it
+recovers about half the items it should. That domain gap is exactly what a station's own frames
+close, so the test needs no artificial handicap. (The active det-v3 already saw line-look scenes
+in training and sorts this look's 40 items perfectly: nothing would be left to show.) Measured
+while tuning this recipe (150 items collected): a 6-epoch fine-tune with default accumulation left the
+model unchanged; mosaic at lr0 0.01 promoted a model that sorted worse (recovery 0.55 -> 0.45);
+frozen backbone + no mosaic, 15 epochs: recovery 0.55 -> 0.82. Run
+`python -m tests.loop.test_loop_closes --items 300 --epochs 25` for
 a larger experiment than CI's.
 """
 from __future__ import annotations
@@ -83,7 +90,7 @@ class BackgroundSwap:
 
 
 def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, tolerance: float = 0.10,
-                   log=print) -> dict[str, Any]:
+                   start_from: str = "det-v1", log=print) -> dict[str, Any]:
     from station.cli_loop import golden_fingerprint, golden_metrics
     from station.config import StationConfig
     from station.simrun import run_fast
@@ -101,8 +108,9 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
 
     models = work / "models"
     models.mkdir(parents=True)
-    for ext in (".onnx", ".pt"):
-        shutil.copy2(REPO / "models" / f"active{ext}", models / f"active{ext}")
+    shipped = Registry(REPO / "models").entry(start_from).onnx      # laid out as a station's first
+    for ext in (".onnx", ".pt"):                                    # install: a lone active.onnx
+        shutil.copy2(shipped.with_suffix(ext), models / f"active{ext}")
     reg = Registry(models)
     base = reg.active_version()
     from vision.detector import model_card_meta
@@ -142,8 +150,8 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
     # 4. fine-tune the active model's weights briefly, export, card
     t0 = time.perf_counter()
     run = train(TrainRecipe(data=work / "train-set" / "data.yaml", model=str(reg.entry(base).pt), imgsz=max(hw),
-                            epochs=epochs, batch=8, workers=0, threads=2, name="ft", project=work / "runs",
-                            warmup_epochs=0.0, close_mosaic=epochs, lr0=0.005, patience=epochs))
+                            epochs=epochs, batch=16, nbs=16, workers=0, threads=2, name="ft", project=work / "runs",
+                            warmup_epochs=0.0, close_mosaic=epochs, lr0=0.005, patience=epochs, freeze=10))
     lap("fine-tune", t0)
     t0 = time.perf_counter()
     cand = f"{base}-line1"
@@ -206,24 +214,26 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
 @pytest.mark.slow
 def test_the_loop_closes(tmp_path):
     pytest.importorskip("ultralytics", reason="the loop test fine-tunes: it needs the 'train' extra (make test installs it)")
-    r = close_the_loop(tmp_path, n_collect=50, n_eval=40, epochs=6)
+    r = close_the_loop(tmp_path, n_collect=150, n_eval=40, epochs=15)
     print(f"\nbefore: purity {r['before']['purity']} recovery {r['before']['recovery']}   "
           f"after: purity {r['after']['purity']} recovery {r['after']['recovery']}   "
           f"(items {r['after']['items']}; hot-swap {r['hot_swap']})")
     assert r["promoted"], r["refusals"]
     assert r["hot_swap"]["frames_missed"] == 0 and r["hot_swap"]["switched_at_frame"] is not None
-    assert r["after"]["recovery"] > r["before"]["recovery"]
-    assert r["after"]["purity"] >= r["before"]["purity"] - 0.02
+    assert r["after"]["recovery"] >= r["before"]["recovery"] + 0.10      # four more of ~38 items, at least
+    # on ~38 items one wrong item moves purity by ~0.03: the gate is what guards per-class quality
+    assert r["after"]["purity"] >= r["before"]["purity"] - 0.05
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", type=int, default=50)
+    ap.add_argument("--items", type=int, default=150)
     ap.add_argument("--eval-items", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--start-from", default="det-v1", help="registry version the station runs first")
     a = ap.parse_args()
     import tempfile
 
     work = Path(a.work or tempfile.mkdtemp(prefix="kozan-loop-"))
-    close_the_loop(work, a.items, a.eval_items, a.epochs)
+    close_the_loop(work, a.items, a.eval_items, a.epochs, start_from=a.start_from)
