@@ -108,6 +108,7 @@ def main() -> int:
     cv2.setNumThreads(1)
     imgs = frames(a.frames)
     det = Detector(a.model, threads=a.threads)
+    a.model = str(det.path)          # models/active.onnx -> the registry's active version's file
     tensor = det.prepare(imgs[0]).copy()
     name = det.session.get_inputs()[0].name
     h, w = det.info.input_hw

@@ -108,7 +108,10 @@ class Detector:
 
     def __init__(self, model_path: str | Path, conf_threshold: float = 0.25, iou_threshold: float = 0.5,
                  threads: int = 2, max_detections: int = 100):
-        self.path = Path(model_path)
+        from vision.registry import resolve_model_path
+
+        # `models/active.onnx` names the registry's active version wherever a path is given (config, CLI, bench)
+        self.path = resolve_model_path(Path(model_path))
         self.session = make_session(self.path, threads)
         self.info = read_model_info(self.session, self.path)
         self.conf = conf_threshold
