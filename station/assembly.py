@@ -38,7 +38,7 @@ def build_detector(cfg: StationConfig):
     d = cfg.detector
     # models/active.onnx means "the registry's active version" once models/ACTIVE.json exists
     return Detector(resolve_model_path(cfg.resolve(d.model)), conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold,
-                    threads=d.intra_op_threads, max_detections=d.max_detections)
+                    threads=d.intra_op_threads, max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
 
 
 @dataclass

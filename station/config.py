@@ -90,6 +90,8 @@ class DetectorConfig(_Section):
     iou_threshold: float = Field(0.5, ge=0, le=1)
     intra_op_threads: int = Field(2, ge=1, le=64)
     max_detections: int = Field(100, ge=1, le=1000)
+    agnostic_nms: bool = Field(True, description="suppress overlapping boxes across classes: one place on the belt, "
+                                                 "one item (false: per class, as in COCO evaluation)")
 
 
 class TrackingConfig(_Section):

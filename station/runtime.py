@@ -202,7 +202,7 @@ class Station:
             det = load_for_station(path, tuple(self.detector.names), tuple(load_taxonomy().names),
                                    (self.cfg.camera.height, self.cfg.camera.width), conf_threshold=d.conf_threshold,
                                    iou_threshold=d.iou_threshold, threads=d.intra_op_threads,
-                                   max_detections=d.max_detections)
+                                   max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
             rec["load_s"] = round(time.monotonic() - t0, 3)
             v = version or det.info.version
             n_swaps = len(self.core.swaps)

@@ -79,12 +79,12 @@ def make_session(path: Path, threads: int) -> ort.InferenceSession:
                          "re-export it or roll back to the previous version") from None
 
 
-def nms_per_class(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int) -> np.ndarray:
-    """Class-aware greedy NMS via the coordinate-offset trick, in numpy."""
+def nms_per_class(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int,
+                  agnostic: bool = False) -> np.ndarray:
+    """Greedy NMS in numpy: class-aware via the coordinate-offset trick, or across classes (`agnostic`)."""
     if len(boxes) == 0:
         return np.zeros((0,), np.int64)
-    off = classes.astype(np.float32)[:, None] * (float(boxes.max()) + 1.0)
-    b = boxes + off
+    b = boxes if agnostic else boxes + classes.astype(np.float32)[:, None] * (float(boxes.max()) + 1.0)
     x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     areas = (x1 - x0) * (y1 - y0)
     order = np.argsort(-scores, kind="stable")
@@ -107,7 +107,7 @@ class Detector:
     """One onnxruntime session and its reusable buffers. Not thread-safe: one loop owns it."""
 
     def __init__(self, model_path: str | Path, conf_threshold: float = 0.25, iou_threshold: float = 0.5,
-                 threads: int = 2, max_detections: int = 100):
+                 threads: int = 2, max_detections: int = 100, agnostic_nms: bool = True):
         from vision.registry import resolve_model_path
 
         # `models/active.onnx` names the registry's active version wherever a path is given (config, CLI, bench)
@@ -117,6 +117,11 @@ class Detector:
         self.conf = conf_threshold
         self.iou = iou_threshold
         self.max_det = max_detections
+        # On a belt one place holds one item. Class-aware NMS keeps an AA cell's "alkaline" box and its
+        # overlapping "nimh" box both, and the tracker then makes two items of one (measured: 52
+        # decisions for 40 items, seed 7). Across classes the strongest box wins; its runner-up class
+        # still loses the track's vote over the frames. Evaluation passes False (the COCO convention).
+        self.agnostic = agnostic_nms
         self._input_name = self.session.get_inputs()[0].name
         h, w = self.info.input_hw
         self._canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
@@ -172,7 +177,7 @@ class Detector:
         boxes[:, 3] = (b[:, 1] + b[:, 3] / 2 - dy) / r
         np.clip(boxes[:, 0::2], 0, W, out=boxes[:, 0::2])
         np.clip(boxes[:, 1::2], 0, H, out=boxes[:, 1::2])
-        idx = nms_per_class(boxes, scores, class_ids, self.iou, self.max_det)
+        idx = nms_per_class(boxes, scores, class_ids, self.iou, self.max_det, self.agnostic)
         return Detections(boxes[idx].astype(np.float32), scores[idx].astype(np.float32),
                           class_ids[idx].astype(np.int32))
 

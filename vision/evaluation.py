@@ -315,7 +315,7 @@ def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = 
              progress: Callable[[int, int], None] | None = None) -> dict:
     cfg = cfg or EvalConfig()
     det = Detector(model, conf_threshold=MAP_CONF, iou_threshold=cfg.iou_threshold, threads=cfg.threads,
-                   max_detections=MAP_MAX_DET)
+                   max_detections=MAP_MAX_DET, agnostic_nms=False)     # mAP as COCO and ultralytics count it
     samples, data_names = split_samples(Path(data_yaml), cfg.split)
     names = list(det.names)
     if data_names != names:

@@ -89,3 +89,40 @@ def test_nms_keeps_best_per_class_and_separates_classes():
     classes = np.array([0, 0, 1, 0])
     keep = nms_per_class(boxes, scores, classes, iou=0.5, limit=10)
     assert sorted(keep.tolist()) == [0, 2, 3]
+    # the station's default: one place, one box, whatever classes the overlapping boxes carry
+    keep = nms_per_class(boxes, scores, classes, iou=0.5, limit=10, agnostic=True)
+    assert sorted(keep.tolist()) == [0, 3]
+
+
+def test_one_box_per_item_on_the_line(detector, shipped_model):
+    """The station's detector never gives two overlapping boxes (one item read as two classes)."""
+    from station.clock import VirtualClock
+    from station.config import StationConfig
+    from station.simline.camera import SimCamera
+    from station.simline.world import BeltWorld
+
+    cfg = StationConfig()
+    clock = VirtualClock(0.0)
+    world = BeltWorld(cfg, clock, n_items=30, seed=7)
+    cam = SimCamera(cfg, world, clock, seed=7)
+    aware = Detector(shipped_model, agnostic_nms=False)
+    pairs_aware = pairs_station = 0
+    for k in range(0, 400, 4):
+        clock.advance_to(k / cfg.camera.fps)
+        img = cam.render_at(k / cfg.camera.fps).image
+        for d, n in ((detector, "station"), (aware, "aware")):
+            b = d(img).boxes
+            if len(b) < 2:
+                continue
+            x0 = np.maximum(b[:, None, 0], b[None, :, 0]); y0 = np.maximum(b[:, None, 1], b[None, :, 1])
+            x1 = np.minimum(b[:, None, 2], b[None, :, 2]); y1 = np.minimum(b[:, None, 3], b[None, :, 3])
+            inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            iou = inter / (area[:, None] + area[None, :] - inter)
+            over = int(np.triu(iou > 0.5, 1).sum())
+            if n == "station":
+                pairs_station += over
+            else:
+                pairs_aware += over
+    print(f"overlapping box pairs in 100 frames: class-aware NMS {pairs_aware}, station (across classes) {pairs_station}")
+    assert pairs_station == 0 and pairs_aware > 0
