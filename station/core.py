@@ -11,6 +11,7 @@ never sent: the item is counted as missed, rides to the end of the belt, and the
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -71,10 +72,24 @@ class Counters:
                 "lost_tracks": self.lost_tracks}
 
 
+def command_id_base(wall_s: float | None = None) -> int:
+    """Where a real station's command ids start: milliseconds of wall time, modulo 2**31.
+
+    The MCU answers a command id it has seen this boot with its first answer and never queues it
+    twice (PROTOCOL.md), remembering the last 1024. A station restarted while the MCU runs on would,
+    counting from 1 again, have its new commands taken for repeats: acked and never fired. Starting
+    from the clock puts each run's ids past the last run's (a run issues far fewer than one id per
+    millisecond); the range wraps every 24.8 days. Virtual-time runs start at 1 (reproducible).
+    """
+    ms = int((time.time() if wall_s is None else wall_s) * 1000.0)
+    return ms % (1 << 31) + 1
+
+
 class StationCore:
     def __init__(self, cfg: StationConfig, detector: DetectorLike, link: Link, records: Records,
                  taxonomy: Taxonomy, geometry: BeltGeometry, clock: Callable[[], float],
-                 counts_per_s: Callable[[], float], model_version: str, alarms: AlarmBoard | None = None):
+                 counts_per_s: Callable[[], float], model_version: str, alarms: AlarmBoard | None = None,
+                 first_command_id: int = 1):
         self.cfg = cfg
         self.detector = detector
         self.link = link
@@ -98,7 +113,7 @@ class StationCore:
             attached_overlap=cfg.rules.attached_overlap, view_length_mm=cfg.camera.width / cfg.camera.px_per_mm)
         self.sorter = Sorter(cfg, taxonomy, names, geometry)
         self.counters = Counters()
-        self._next_command = 1
+        self._next_command = first_command_id
         self._command_track: dict[int, int] = {}
         self.use_config(cfg)
         self.recent: list[tuple[Decision, str]] = []   # newest last, bounded: for status and HMI

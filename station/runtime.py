@@ -18,7 +18,7 @@ from station.alarms import AlarmBoard, Severity
 from station.assembly import build_detector, geometry_from_config, open_link
 from station.clock import MonotonicClock
 from station.config import StationConfig
-from station.core import FrameResult, StationCore
+from station.core import FrameResult, StationCore, command_id_base
 from station.records import Records
 from station.state import IllegalTransition, LineState, StateMachine
 from vision.frame import Frame
@@ -117,7 +117,8 @@ class Station:
         self.core = StationCore(cfg, self.detector, self.link, self.records, load_taxonomy(),
                                 geometry_from_config(cfg), self.clock.now,
                                 counts_per_s=lambda: bc.counts_per_s if bc.ready else cps_cfg,
-                                model_version=self.detector.info.version, alarms=self.alarms)
+                                model_version=self.detector.info.version, alarms=self.alarms,
+                                first_command_id=command_id_base())
         self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
         from station.capture import open_capture
 

@@ -506,3 +506,41 @@ def test_watchdog_in_real_time_when_host_goes_silent(kind: str, request: pytest.
         if _silent_host_trial(kind, request):
             return
     pytest.fail("the host stalled >= 250 ms before going silent in 3 trials: the machine is too loaded")
+
+
+def test_a_restarted_station_never_reuses_a_command_id_the_mcu_remembers(mcu) -> None:
+    """The host restarts, the MCU runs on: the new run's commands must fire, not be taken for repeats."""
+    from station.core import command_id_base
+
+    def run(first_id: int, at_count: int) -> list[int]:
+        link = DiverterLink(mcu.slave_path)
+        try:
+            link.open(timeout=2.0)
+            link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+            for _ in range(2):
+                mcu.advance(10)
+            ids = [first_id + k for k in range(3)]
+            for k, cid in enumerate(ids):
+                link.fire_at(cid, 0, belt_count=at_count + 50 * k, pulse_ms=20)
+            assert link.wait_settled(1.0)
+            mcu.advance(400)
+            return ids
+        finally:
+            link.close()
+
+    t0 = 1_764_000_000.0                                       # a run, then a restart 5 s later
+    first = run(command_id_base(t0), at_count=100)
+    second = run(command_id_base(t0 + 5.0), at_count=mcu.count + 100)
+    fired = [s.command_id for s in mcu.shots()]
+    assert fired == first + second                             # all six fired, each once
+    # what counting from 1 on every start would do: the old answer, and nothing queued or fired
+    link = DiverterLink(mcu.slave_path)
+    try:
+        link.open(timeout=2.0)
+        link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+        link.fire_at(first[0], 0, belt_count=mcu.count + 100, pulse_ms=20)
+        assert link.wait_settled(1.0)
+        mcu.advance(400)
+        assert [s.command_id for s in mcu.shots()] == fired and mcu.queue_depth == 0
+    finally:
+        link.close()
