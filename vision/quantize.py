@@ -105,6 +105,7 @@ def quantize_static_int8(model: Path, calib_yaml: Path, out: Path, n_images: int
     if method not in methods:
         raise QuantizeError(f"calibration method {method!r}: choose one of {sorted(methods)}")
     model, out = Path(model), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     det = Detector(model, threads=2)
     samples, names = split_samples(Path(calib_yaml), split)
     if names != list(det.names):
@@ -130,10 +131,10 @@ def quantize_static_int8(model: Path, calib_yaml: Path, out: Path, n_images: int
     q = onnx.load(str(out))
     fingerprint = "unknown"
     try:
-        from vision.datasets import dataset_fingerprint
-        from vision.evaluation import read_data_yaml
+        from vision.datasets import data_yaml_fingerprint
 
-        fingerprint = dataset_fingerprint(read_data_yaml(Path(calib_yaml))["root"])
+        # the label files the data.yaml names (a folder-wide hash missed lists of folders: it hashed nothing)
+        fingerprint = data_yaml_fingerprint(Path(calib_yaml))
     except Exception as e:  # the fingerprint is a record, not a requirement
         log.warning("no calibration data fingerprint: %s", e)
     info = {"source_model": str(model), "source_version": det.info.version, "format": "QDQ",
