@@ -31,6 +31,23 @@ def default_outbox_path(records_path: str | Path) -> Path:
     return p.with_name(p.name + ".plant-outbox")
 
 
+def plant_confirmed_id(outbox_path: str | Path, records_path: str | Path) -> int | None:
+    """The highest item id the plant has confirmed for this records file (every station publishing
+    it: the lowest of theirs); 0 when a cursor exists but nothing is confirmed; None without a cursor."""
+    p = Path(outbox_path)
+    if not p.exists():
+        return None
+    db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT MIN(confirmed_id), COUNT(*) FROM cursor WHERE records=?",
+                         (str(Path(records_path).resolve()),)).fetchone()
+    except sqlite3.DatabaseError:
+        return 0                            # unreadable: archive nothing the plant may still need
+    finally:
+        db.close()
+    return None if not row or row[1] == 0 else max(int(row[0]), 0)
+
+
 class OutboxCursor:
     def __init__(self, path: str | Path, station: str, records_path: str | Path):
         self.path = Path(path)

@@ -10,6 +10,10 @@
 
 A crash between 1 and 2 leaves rows in both files, never in neither; the next archive run and every
 report count them once (same ids). Items of a lot still open, or closed after `before`, stay.
+
+`keep_after_id`: items with a higher id stay too, and so does any lot holding one — the plant
+publisher tails the live database by id, so a row archived before the plant confirmed it would never
+reach the plant (`kozan records archive` passes the plant's confirmed id when plant publishing is set up).
 The live database's ids keep growing (AUTOINCREMENT), so a reader tailing it by id misses nothing.
 """
 from __future__ import annotations
@@ -40,8 +44,10 @@ def parse_before(s: str) -> str:
     return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def archive(db_path: str | Path, archive_dir: str | Path, before: str) -> dict[str, Any]:
+def archive(db_path: str | Path, archive_dir: str | Path, before: str,
+            keep_after_id: int | None = None) -> dict[str, Any]:
     cut = parse_before(before)
+    keep = (1 << 62) if keep_after_id is None else int(keep_after_id)
     stamp = cut[:10]
     adir = Path(archive_dir)
     adir.mkdir(parents=True, exist_ok=True)
@@ -50,12 +56,13 @@ def archive(db_path: str | Path, archive_dir: str | Path, before: str) -> dict[s
     db = open_db(db_path)
     try:
         db.execute("ATTACH DATABASE ? AS arch", (str(apath),))
-        sel_lots = "SELECT id FROM lots WHERE closed_at IS NOT NULL AND closed_at < :cut"
-        sel_items = (f"SELECT id FROM items WHERE (lot_id IN ({sel_lots})) "
-                     "OR (lot_id IS NULL AND decided_at < :cut)")
+        sel_lots = ("SELECT id FROM lots WHERE closed_at IS NOT NULL AND closed_at < :cut AND NOT EXISTS "
+                    "(SELECT 1 FROM items k WHERE k.lot_id = lots.id AND k.id > :keep)")
+        sel_items = (f"SELECT id FROM items WHERE ((lot_id IN ({sel_lots})) "
+                     "OR (lot_id IS NULL AND decided_at < :cut)) AND id <= :keep")
         sel_events = f"SELECT id FROM item_events WHERE item_id IN ({sel_items})"
         sel_alarms = f"SELECT id FROM alarms WHERE (lot_id IN ({sel_lots})) OR (lot_id IS NULL AND at < :cut)"
-        p = {"cut": cut}
+        p = {"cut": cut, "keep": keep}
         counts = {t: db.execute(f"SELECT COUNT(*) FROM ({q})", p).fetchone()[0]
                   for t, q in (("lots", sel_lots), ("items", sel_items), ("item_events", sel_events),
                                ("alarms", sel_alarms))}
@@ -100,4 +107,5 @@ def archive(db_path: str | Path, archive_dir: str | Path, before: str) -> dict[s
     finally:
         db.close()
     log.info("archived rows before %s to %s: %s", cut, apath, counts)
-    return {"archive": str(apath), "before": cut, "moved": counts}
+    return {"archive": str(apath), "before": cut, "moved": counts,
+            **({"kept_for_plant_after_id": keep_after_id} if keep_after_id is not None else {})}

@@ -154,8 +154,20 @@ def cmd_records(a: argparse.Namespace) -> int:
             print("error: give --before DATE or --keep-days N", file=sys.stderr)
             return 2
         before = a.before or (datetime.now(timezone.utc) - timedelta(days=a.keep_days)).isoformat()
+        from station.plant.outbox import default_outbox_path, plant_confirmed_id
+
+        keep = None
+        if not a.ignore_plant:
+            m = cfg.plant.mqtt
+            outbox = cfg.resolve(m.outbox_path) if m.outbox_path else default_outbox_path(dbp)
+            keep = plant_confirmed_id(outbox, dbp)
+            if keep is None and m.enabled:
+                keep = 0                   # publishing is on but has no cursor yet: the plant has nothing
+            if keep is not None:
+                print(f"plant: archiving only items the plant has confirmed (up to #{keep}; "
+                      "--ignore-plant to archive regardless)", file=sys.stderr)
         try:
-            res = archive(dbp, arch, before)
+            res = archive(dbp, arch, before, keep_after_id=keep)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -238,6 +250,8 @@ def add_records_commands(sub: argparse._SubParsersAction) -> None:
     common(ar)
     ar.add_argument("--before", default=None, help="date (YYYY-MM-DD, UTC midnight) or ISO date-time")
     ar.add_argument("--keep-days", type=float, default=None, help="archive what is older than this many days")
+    ar.add_argument("--ignore-plant", action="store_true",
+                    help="archive items the plant has not confirmed yet (they will never reach the plant)")
     st = rsub.add_parser("status", help="row counts, newest ids, journal mode, integrity")
     common(st)
     for sp in (ar, st):

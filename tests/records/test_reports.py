@@ -4,9 +4,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -17,6 +21,8 @@ from station.reporting.archive import archive
 from station.reporting.build import Composition, build_report, day_period, range_period, shift_period
 from station.reporting.render import PdfUnavailable, to_csv, to_html, write_all
 from station.reporting.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
 
 COMP = Composition.load(__import__("station.config", fromlist=["StationConfig"]).StationConfig().resolve(
     "station/composition.yaml"))
@@ -141,3 +147,29 @@ def test_files_and_pdf(tmp_path, make_item):
     assert json.loads((tmp_path / "out" / "lot-KZ-1.json").read_text())["lot"]["lot_number"] == "KZ-1"
     if "pdf" in out:
         assert (tmp_path / "out" / "lot-KZ-1.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_archive_keeps_what_the_plant_has_not_confirmed(tmp_path, make_item):
+    """The plant publisher tails the live database by id: archiving past its confirmed id would lose rows."""
+    from station.plant.outbox import OutboxCursor, default_outbox_path, plant_confirmed_id
+
+    p = tmp_path / "r.sqlite"
+    _records(p, make_item, lot=False)                      # 15 items, no lot
+    assert plant_confirmed_id(default_outbox_path(p), p) is None
+    cur = OutboxCursor(default_outbox_path(p), "line-1", p)
+    cur.save(acked_id=12, confirmed_id=9)                 # the plant has stored items 1..9
+    cur.close()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "station.cli", "records", "archive", "--records", str(p),
+                        "--archive-dir", str(tmp_path / "archive"), "--before", "2100-01-01"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "up to #9" in r.stderr and json.loads(r.stdout)["moved"]["items"] == 9
+    left = [x[0] for x in sqlite3.connect(p).execute("SELECT id FROM items ORDER BY id")]
+    assert left == list(range(10, 16))
+    # the plant catches up; the next archive takes the rest
+    cur = OutboxCursor(default_outbox_path(p), "line-1", p)
+    cur.save(acked_id=15, confirmed_id=15)
+    cur.close()
+    assert archive(p, tmp_path / "archive", "2100-01-01",
+                   keep_after_id=plant_confirmed_id(default_outbox_path(p), p))["moved"]["items"] == 6
