@@ -119,8 +119,9 @@ class Detector:
         self.max_det = max_detections
         # On a belt one place holds one item. Class-aware NMS keeps an AA cell's "alkaline" box and its
         # overlapping "nimh" box both, and the tracker then makes two items of one (measured: 52
-        # decisions for 40 items, seed 7). Across classes the strongest box wins; its runner-up class
-        # still loses the track's vote over the frames. Evaluation passes False (the COCO convention).
+        # decisions for 40 items, seed 7). Across classes the strongest box wins and the suppressed
+        # box's class gets no vote from that frame; the track's votes over many frames still weigh the
+        # classes. Evaluation passes False (the COCO convention).
         self.agnostic = agnostic_nms
         self._input_name = self.session.get_inputs()[0].name
         h, w = self.info.input_hw
