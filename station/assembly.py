@@ -33,11 +33,10 @@ def geometry_from_config(cfg: StationConfig) -> BeltGeometry:
 
 def build_detector(cfg: StationConfig):
     from vision.detector import Detector
-    from vision.registry import resolve_model_path
 
     d = cfg.detector
-    # models/active.onnx means "the registry's active version" once models/ACTIVE.json exists
-    return Detector(resolve_model_path(cfg.resolve(d.model)), conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold,
+    # the Detector reads models/active.onnx as "the registry's active version" (models/ACTIVE.json)
+    return Detector(cfg.resolve(d.model), conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold,
                     threads=d.intra_op_threads, max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
 
 
