@@ -115,17 +115,34 @@ def test_operator_session_on_the_real_page(browser: Any, tmp_path: Path) -> None
                  "the live view image")
 
         # "this one went to the wrong bin": the operator's flag saves the item's frame for relabelling
-        flag = page.locator("[data-testid^=wrong-bin-]").first
-        flag_id = flag.get_attribute("data-testid")
+        # (a locator re-resolves at each use: `.first` would be another, newer item by the time of the click)
+        flag_id = page.locator("[data-testid^=wrong-bin-]").first.get_attribute("data-testid")
+        flag = page.locator(f"[data-testid={flag_id}]")
         flag.click()
-        pw.expect(page.locator(f"[data-testid={flag_id}]")).to_be_disabled(timeout=10_000)
+        try:
+            pw.expect(page.locator(f"[data-testid={flag_id}]")).to_be_disabled(timeout=10_000)
+        except AssertionError:
+            said = page.eval_on_selector("#toast", "t => t.textContent")
+            audit = [ln for ln in (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines() if "wrong_bin" in ln]
+            raise AssertionError(f"{flag_id} was clicked but never showed as flagged; the page said {said!r}, "
+                                 f"the audit log {audit}") from None
         wait_for(lambda: list((tmp_path / "captures" / "meta").glob(f"*_t{flag_id.rsplit('-', 1)[1]}.json")), 10,
                  "the flagged item's capture on disk")
 
+        kept_id = page.locator("[data-testid^=wrong-bin-]").first.get_attribute("data-testid")
+        # the list is updated in place: a button under a finger is not replaced by the next snapshots
+        # (a tap that goes down on one node and comes up on its replacement makes no click)
+        page.evaluate(f"() => {{ window.__kept = document.querySelector('[data-testid={kept_id}]'); }}")
+        page.wait_for_timeout(1000)     # three snapshots at hmi.push_interval_s 0.3
+        # (rebuilt only when what it shows changed, e.g. its thumbnail arrived)
+        assert page.evaluate(f"""() => {{ const now = document.querySelector('[data-testid={kept_id}]');
+            return window.__kept.isConnected || !now || now.closest('li').dataset.sig !== window.__kept.closest('li').dataset.sig; }}"""), \
+            f"{kept_id} was replaced by a new node while it stayed on screen, showing the same"
+
         # an alarm (missed items or uncertain items, provoked by the configuration) is acknowledged
-        ack = page.locator("[data-testid^=ack-]").first
-        ack.wait_for(timeout=90_000)
-        ack_id = ack.get_attribute("data-testid")
+        page.locator("[data-testid^=ack-]").first.wait_for(timeout=90_000)
+        ack_id = page.locator("[data-testid^=ack-]").first.get_attribute("data-testid")
+        ack = page.locator(f"[data-testid={ack_id}]")
         shot(page, "hmi-1280x800-en.png")
         ack.click()
         pw.expect(page.locator(f"[data-testid={ack_id}]")).to_have_count(0, timeout=10_000)
@@ -199,3 +216,5 @@ def test_operator_session_on_the_real_page(browser: Any, tmp_path: Path) -> None
         assert errors == [], errors
     finally:
         k.stop()
+        # pytest shows this only when the test fails: the station's own account of what happened
+        print("---- kozan run, last 120 lines ----\n" + "".join(k.lines[-120:]))

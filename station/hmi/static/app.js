@@ -77,6 +77,27 @@ function binName(b) { return dict[`bin.${b.bin}`] ?? b.name; }
 function className(c) { return t(`class.${c}`) === `class.${c}` ? c : t(`class.${c}`); }
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text != null) e.textContent = text; return e; }
 
+// Lists with buttons in them are updated in place, keyed by entry: a node is rebuilt only when what it
+// shows changed, and nodes that stay are never detached. Rebuilding the whole list on every snapshot
+// (three a second) swallowed taps: a finger that went down on one button and came up on its
+// replacement made no click, and every thumbnail was fetched again.
+function syncList(box, items, key, sig, make, makeEmpty) {
+  const old = new Map();
+  for (const n of [...box.children]) { if (n.dataset.key) old.set(n.dataset.key, n); else n.remove(); }
+  const want = [];
+  for (const it of items) {
+    const k = key(it), sg = JSON.stringify(sig(it));
+    let n = old.get(k);
+    if (n && n.dataset.sig !== sg) { const m = make(it); n.replaceWith(m); n = m; }
+    else if (!n) n = make(it);
+    n.dataset.key = k; n.dataset.sig = sg; old.delete(k); want.push(n);
+  }
+  for (const n of old.values()) n.remove();
+  want.forEach((n, i) => { if (box.children[i] !== n) box.insertBefore(n, box.children[i] ?? null); });
+  if (!items.length) box.append(makeEmpty());
+}
+
+
 function render(s) {
   const st = $("state");
   st.className = `state state-${s.state}`;
@@ -104,10 +125,8 @@ function render(s) {
     row.append(no, name, n); bins.append(row);
   }
 
-  const al = $("alarms"); al.replaceChildren();
   $("alarm-count").textContent = s.alarms.length || "";
-  if (!s.alarms.length) al.append(el("li", "empty", `✓ ${t("alarms.none")}`));
-  for (const a of s.alarms) {
+  syncList($("alarms"), s.alarms, (a) => `a${a.id}`, (a) => [lang, a.severity, a.code, a.count, a.message], (a) => {
     const li = el("li", `alarm sev-${a.severity}`); li.dataset.code = a.code; li.setAttribute("data-testid", `alarm-${a.code}`);
     const body = el("div");
     const title = el("div", "alarm-title", `${t(`severity.${a.severity}`)}: ${t(`alarm.${a.code}`)} `);
@@ -115,12 +134,12 @@ function render(s) {
     body.append(title, el("div", "alarm-msg", a.message));
     const btn = el("button", "btn", t("btn.ack")); btn.setAttribute("data-testid", `ack-${a.id}`);
     btn.onclick = () => act(`/api/alarms/${a.id}/ack`);
-    li.append(el("div", "alarm-icon", SEV_ICONS[a.severity] || "⚠"), body, btn); al.append(li);
-  }
+    li.append(el("div", "alarm-icon", SEV_ICONS[a.severity] || "⚠"), body, btn);
+    return li;
+  }, () => el("li", "empty", `✓ ${t("alarms.none")}`));
 
-  const rc = $("recent"); rc.replaceChildren();
-  if (!s.recent.length) rc.append(el("li", "empty", t("recent.none")));
-  for (const it of s.recent) {
+  syncList($("recent"), s.recent, (it) => `i${it.track_id}`,
+           (it) => [lang, s.capture, it.bin, it.outcome, it.reason, it.class, it.confidence, it.thumb, it.flagged], (it) => {
     const li = el("li", `item${it.bin === 0 ? " manual" : ""}${it.outcome === "missed" ? " missed" : ""}`);
     li.style.borderTopColor = `var(--b${it.bin % 5})`;
     li.setAttribute("data-testid", "recent-item");
@@ -136,11 +155,16 @@ function render(s) {
       const wb = el("button", `btn btn-flag${it.flagged ? " flagged" : ""}`, "⚑");
       wb.title = t("btn.wrong_bin"); wb.setAttribute("aria-label", t("btn.wrong_bin"));
       wb.setAttribute("data-testid", `wrong-bin-${it.track_id}`); wb.disabled = !!it.flagged;
-      wb.onclick = async () => { const r = await act(`/api/items/${it.track_id}/wrong-bin`, { note: "" }); if (r) toast(t("recent.flagged", { id: it.track_id }), true); };
+      wb.onclick = async () => {
+        wb.disabled = true;   // one touch, one capture: a second tap while the request is out does nothing
+        const r = await act(`/api/items/${it.track_id}/wrong-bin`, { note: "" });
+        if (r) { wb.classList.add("flagged"); toast(t("recent.flagged", { id: it.track_id }), true); }
+        else wb.disabled = false;
+      };
       li.append(wb);
     }
-    rc.append(li);
-  }
+    return li;
+  }, () => el("li", "empty", t("recent.none")));
   $("manual-pending").textContent = s.manual_next > 0 ? t("manual_pending", { n: s.manual_next }) : "";
   loadPreview(s.preview_seq);
   if ($("dlg-shift").open) renderShift(s);
