@@ -32,9 +32,22 @@ def cmd_dataset_synth(a: argparse.Namespace) -> int:
 
     from vision.render.synth import SynthSettings
 
+    settings = SynthSettings(line_look_p=a.line_look)
+    if a.board_battery is not None:
+        settings.attach_battery_p = a.board_battery
+    for spec in a.class_weight or []:
+        name, _, w = spec.partition("=")
+        if name not in settings.class_weights or not w:
+            print(f"--class-weight {spec!r}: expected CLASS=WEIGHT with CLASS one of "
+                  f"{sorted(settings.class_weights)}", file=sys.stderr)
+            return 2
+        try:
+            settings.class_weights[name] = float(w)
+        except ValueError:
+            print(f"--class-weight {spec!r}: the weight must be a number", file=sys.stderr)
+            return 2
     m = write_synth_dataset(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, test_n=a.test_n,
-                            workers=a.workers, progress=_progress("synth"),
-                            settings=SynthSettings(line_look_p=a.line_look))
+                            workers=a.workers, progress=_progress("synth"), settings=settings)
     print(json.dumps({"out": str(a.out), "fingerprint": m["fingerprint"], "n_train": m["n_train"],
                       "n_val": m["n_val"], "n_test": m["n_test"], "boxes": m["boxes"]}, indent=1))
     return 0
@@ -130,6 +143,10 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--workers", type=int, default=None)
     s.add_argument("--line-look", type=float, default=0.0,
                    help="share of scenes under a station's fixed plain look (the rest fully randomised)")
+    s.add_argument("--board-battery", type=float, default=None,
+                   help="share of boards that carry a battery (default 0.12): raise it to teach attached cells")
+    s.add_argument("--class-weight", action="append", metavar="CLASS=WEIGHT",
+                   help="relative frequency of a class in the scenes (default 1 each); repeatable")
     s.set_defaults(func=cmd_dataset_synth)
 
     md = sub.add_parser("model", help="train and export detectors (needs the 'train' extra)")

@@ -72,3 +72,27 @@ def test_labels_are_valid_boxes_of_target_classes():
             assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
             n += 1
     assert n > 20
+
+
+def test_synth_command_takes_the_class_mix_and_the_share_of_boards_with_a_battery(tmp_path, capsys):
+    """`kozan dataset synth --board-battery 1 --class-weight ...`: a set that teaches attached cells."""
+    import json
+
+    from station.cli import main
+
+    out = tmp_path / "boards"
+    weights = [a for c in TARGET_CLASSES if not c.startswith("board")
+               for a in ("--class-weight", f"{c}=0")]
+    rc = main(["dataset", "synth", "--n", "12", "--seed", "3", "--workers", "1", "--out", str(out),
+               "--board-battery", "1", *weights])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["attach_battery_p"] == 1.0
+    boxes = manifest["boxes"]["train"]
+    boards = boxes.get("board_high", 0) + boxes.get("board_low", 0)
+    cells = sum(v for k, v in boxes.items() if not k.startswith("board"))
+    assert boards > 0 and cells > 0, boxes       # only boards drawn, and cells on them
+
+    rc = main(["dataset", "synth", "--n", "2", "--out", str(tmp_path / "x"), "--class-weight", "toaster=2"])
+    assert rc == 2
+    assert "toaster=2" in capsys.readouterr().err
