@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +107,15 @@ def export_onnx(weights: Path, out: Path, imgsz: int | tuple[int, int], version:
     ul = _offline_ultralytics(REPO_ROOT / "runs" / "ultralytics-config", 2)
     import onnx
 
-    model = ul.YOLO(str(weights))
-    produced = Path(model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, opset=17,
-                                 nms=False, half=False, device="cpu"))
-    m = onnx.load(str(produced))
+    # ultralytics writes its ONNX beside the weights: exporting models/det-v4.pt elsewhere would
+    # overwrite models/det-v4.onnx (and then delete it). Export from a private copy instead.
+    with tempfile.TemporaryDirectory(prefix="kozan-export-") as tmp:
+        private = Path(tmp) / Path(weights).name
+        shutil.copy2(weights, private)
+        model = ul.YOLO(str(private))
+        produced = Path(model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, opset=17,
+                                     nms=False, half=False, device="cpu"))
+        m = onnx.load(str(produced))
     meta = {p.key: p.value for p in m.metadata_props}
     meta.update({"kozan_version": version, "kozan_data_fingerprint": data_fingerprint,
                  "kozan_input": json.dumps({"imgsz": list(imgsz), "layout": "NCHW", "color": "RGB", "scale": "1/255"})})
@@ -119,8 +125,6 @@ def export_onnx(weights: Path, out: Path, imgsz: int | tuple[int, int], version:
         p.key, p.value = k, str(v)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(m, str(out))
-    if produced.resolve() != out.resolve():
-        produced.unlink(missing_ok=True)
     if Path(weights).resolve() != out.with_suffix(".pt").resolve():
         shutil.copy2(weights, out.with_suffix(".pt"))
     return out
