@@ -18,13 +18,13 @@ docstring: the improvement itself is measured (docs/loop.md), not yet guaranteed
 The station starts on det-v1, the first shipped version (kept in the registry as the active
 model's ancestor): it was trained only on randomised synthetic scenes, and on this line's look it
 recovers about half the items it should. That domain gap is exactly what a station's own frames
-close, so the test needs no artificial handicap. (The active det-v3 already saw line-look scenes
-in training and sorts this look's 40 items perfectly: nothing would be left to show.) Measured
+close, so the test needs no artificial handicap. (det-v3 and det-v4 already saw line-look scenes
+in training and sort this look's 40 items perfectly: nothing would be left to show.) Measured
 while tuning this recipe (150 items collected): a 6-epoch fine-tune with default accumulation left the
 model unchanged; mosaic at lr0 0.01 promoted a model that sorted worse (recovery 0.55 -> 0.45);
 frozen backbone + no mosaic, 15 epochs: recovery 0.55 -> 0.82 (each of these runs captured a
 different draw of frames; see the test's docstring for how much that matters). Run
-`python -m tests.loop.test_loop_closes --items 300 --epochs 25` for
+`python -m tests.loop.test_loop_closes --items 300 --epochs 25 --eval-items 100` for
 a larger experiment than CI's.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ class BackgroundSwap:
 
 
 def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, tolerance: float = 0.10,
-                   start_from: str = "det-v1", log=print) -> dict[str, Any]:
+                   start_from: str = "det-v1", lr0: float = 0.001, freeze: int = 10, log=print) -> dict[str, Any]:
     from station.cli_loop import golden_fingerprint, golden_metrics
     from station.config import StationConfig
     from station.simrun import run_fast
@@ -153,7 +153,7 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
     t0 = time.perf_counter()
     run = train(TrainRecipe(data=work / "train-set" / "data.yaml", model=str(reg.entry(base).pt), imgsz=max(hw),
                             epochs=epochs, batch=16, nbs=16, workers=0, threads=2, name="ft", project=work / "runs",
-                            warmup_epochs=0.0, close_mosaic=epochs, lr0=0.005, patience=epochs, freeze=10))
+                            warmup_epochs=0.0, close_mosaic=epochs, lr0=lr0, patience=epochs, freeze=freeze))
     lap("fine-tune", t0)
     t0 = time.perf_counter()
     cand = f"{base}-line1"
@@ -214,14 +214,18 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
 
 
 @pytest.mark.slow
-def test_the_loop_runs_end_to_end_and_the_gate_guards_the_line(tmp_path):
-    """Every step of the loop, for real; what reaches the line is never worse than what ran before.
+def test_the_loop_runs_end_to_end_through_the_gate_and_a_hot_swap(tmp_path):
+    """Every step of the loop, for real, and each branch of the gate held to what it must do.
 
-    This does NOT yet prove that the loop improves the line at CI scale: on ~60 training frames the
-    fine-tune is a draw. Two runs of this exact recipe (docs/loop.md): one promoted a model that
-    lifted recovery 0.55 -> 0.74; one, after the station's NMS changed the captured frames, was
-    refused by the gate (nimh and lead_acid AP50 fell by more than 0.10) and the line kept det-v1.
-    So the test holds each branch to what it must do, and prints the figures.
+    What the test holds: a promoted model reaches the running line by a hot-swap that misses no
+    frame, and on this run's 40 new items the line is no worse (within an item or two); a refused
+    model leaves the line as it was, refused for golden-set AP only.
+
+    What it does NOT prove: that the loop improves the line at CI scale. With this recipe (lr0 0.001,
+    backbone frozen) the fine-tune is promoted (golden mAP50 0.736 -> 0.748) and sorts these 40 items
+    better (purity 0.92 -> 0.96, recovery 0.605 -> 0.632), but 100 new items worse (purity 0.951 ->
+    0.892, recovery 0.630 both): golden-set AP50 on ~36 frames does not judge sorting. At lr0 0.005
+    the gate refused it (every class's AP50 fell). docs/loop.md has the runs.
     """
     pytest.importorskip("ultralytics", reason="the loop test fine-tunes: it needs the 'train' extra (make test installs it)")
     r = close_the_loop(tmp_path, n_collect=150, n_eval=40, epochs=15)
@@ -251,8 +255,10 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--work", default=None)
     ap.add_argument("--start-from", default="det-v1", help="registry version the station runs first")
+    ap.add_argument("--lr0", type=float, default=0.001)
+    ap.add_argument("--freeze", type=int, default=10, help="layers kept as they are (10: the backbone; 0: none)")
     a = ap.parse_args()
     import tempfile
 
     work = Path(a.work or tempfile.mkdtemp(prefix="kozan-loop-"))
-    close_the_loop(work, a.items, a.eval_items, a.epochs, start_from=a.start_from)
+    close_the_loop(work, a.items, a.eval_items, a.epochs, start_from=a.start_from, lr0=a.lr0, freeze=a.freeze)
