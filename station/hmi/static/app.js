@@ -97,7 +97,6 @@ function syncList(box, items, key, sig, make, makeEmpty) {
   if (!items.length) box.append(makeEmpty());
 }
 
-
 function render(s) {
   const st = $("state");
   st.className = `state state-${s.state}`;
