@@ -37,7 +37,7 @@ def random_weights_onnx(spec: str, out_dir: Path) -> Path:
     """`ARCH.yaml@HxW` -> an ONNX file of that architecture with random weights (latency only)."""
     arch, _, size = spec.partition("@")
     h, w = (int(v) for v in size.lower().split("x"))
-    from vision.training import _offline_ultralytics
+    from vision.training import _offline_ultralytics, set_kozan_metadata
     from vision.taxonomy import REPO_ROOT
 
     ul = _offline_ultralytics(REPO_ROOT / "runs" / "ultralytics-config", 2)
@@ -53,14 +53,7 @@ def random_weights_onnx(spec: str, out_dir: Path) -> Path:
         os.chdir(cwd)
     m = onnx.load(str(produced))
     produced.unlink()
-    names = dict(enumerate(_taxonomy_names()))
-    for k, v in {"names": str(names), "kozan_version": f"{Path(arch).stem}-random@{h}x{w}",
-                 "kozan_input": json.dumps({"imgsz": [h, w], "layout": "NCHW", "color": "RGB", "scale": "1/255"})}.items():
-        for p in list(m.metadata_props):
-            if p.key == k:
-                m.metadata_props.remove(p)
-        p = m.metadata_props.add()
-        p.key, p.value = k, v
+    set_kozan_metadata(m, f"{Path(arch).stem}-random@{h}x{w}", "random", (h, w), names=_taxonomy_names())
     out = out_dir / f"{Path(arch).stem}-{h}x{w}.onnx"
     onnx.save(m, str(out))
     return out

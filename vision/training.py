@@ -97,6 +97,21 @@ def train(recipe: TrainRecipe) -> Path:
     return run_dir
 
 
+def set_kozan_metadata(m, version: str, data_fingerprint: str, imgsz: tuple[int, int],
+                       names: list[str] | None = None) -> None:
+    """Add what the station's Detector reads (version, data fingerprint, input layout; class names
+    when the model's own are not the taxonomy's) to an ONNX model proto, keeping ultralytics' keys."""
+    meta = {p.key: p.value for p in m.metadata_props}
+    meta.update({"kozan_version": version, "kozan_data_fingerprint": data_fingerprint,
+                 "kozan_input": json.dumps({"imgsz": list(imgsz), "layout": "NCHW", "color": "RGB", "scale": "1/255"})})
+    if names is not None:
+        meta["names"] = str(dict(enumerate(names)))
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, str(v)
+
+
 def export_onnx(weights: Path, out: Path, imgsz: int | tuple[int, int], version: str, data_fingerprint: str) -> Path:
     """Export to ONNX with a fixed input shape, simplified, with Kozan's metadata added.
 
@@ -116,13 +131,7 @@ def export_onnx(weights: Path, out: Path, imgsz: int | tuple[int, int], version:
         produced = Path(model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, opset=17,
                                      nms=False, half=False, device="cpu"))
         m = onnx.load(str(produced))
-    meta = {p.key: p.value for p in m.metadata_props}
-    meta.update({"kozan_version": version, "kozan_data_fingerprint": data_fingerprint,
-                 "kozan_input": json.dumps({"imgsz": list(imgsz), "layout": "NCHW", "color": "RGB", "scale": "1/255"})})
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        p = m.metadata_props.add()
-        p.key, p.value = k, str(v)
+    set_kozan_metadata(m, version, data_fingerprint, imgsz)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(m, str(out))
     if Path(weights).resolve() != out.with_suffix(".pt").resolve():
