@@ -120,7 +120,7 @@ def test_operator_session_on_the_real_page(browser: Any, tmp_path: Path) -> None
         flag = page.locator(f"[data-testid={flag_id}]")
         flag.click()
         try:
-            pw.expect(page.locator(f"[data-testid={flag_id}]")).to_be_disabled(timeout=10_000)
+            pw.expect(flag).to_be_disabled(timeout=10_000)
         except AssertionError:
             said = page.eval_on_selector("#toast", "t => t.textContent")
             audit = [ln for ln in (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines() if "wrong_bin" in ln]
