@@ -2,13 +2,15 @@
 (what the station does) against a zoomed crop of each board (the baseline is the whole frame).
 
     .venv/bin/python bench/attached_cells.py [--model models/active.onnx] [--boards 40]
-        [--share 0.5] [--zooms 2,3]
+        [--share 0.5] [--zooms 2,3] [--inspector models/insp-v1.onnx]
 
 The simulated line's camera renders only boards (a `--share` of them carrying a cell); every 6th
 frame, each board wholly in view is checked: with a cell, is a battery box found on that cell
 (both boxes at least 30 % inside each other)? Without one, is any battery box reported inside
 the board (a false alarm: capacitors read as coin cells)? Prints views, hits and rates per way of
-looking. Accuracy, not speed: the figures go into the model card.
+looking. `--inspector` adds the board inspector's look (vision.inspection: a crop of the board at
+full camera resolution, through a model trained on such crops). Accuracy, not speed: the figures
+go into the model card.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> int:
     ap.add_argument("--share", type=float, default=0.5, help="share of boards carrying a cell")
     ap.add_argument("--zooms", default="2,3")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--inspector", default=None, help="board inspector model (ONNX)")
     a = ap.parse_args()
     zooms = [float(z) for z in a.zooms.split(",") if z]
     cfg = config_from_dict({"sim": {"board_battery_share": a.share, "distractor_share": 0.0,
@@ -54,7 +57,11 @@ def main() -> int:
     det = Detector(a.model)
     names = list(det.names)
     cells = {n for n in names if n not in BOARDS}
-    ways = ["whole frame"] + [f"zoom {z:g}x" for z in zooms]
+    ways = ["whole frame"] + [f"zoom {z:g}x" for z in zooms] + (["inspector"] if a.inspector else [])
+    inspector = None
+    if a.inspector:
+        from vision.inspection import BoardInspector
+        inspector = BoardInspector(a.inspector, cells)
     seen = {w: [0, 0] for w in ways}       # boards with a cell: views, views where the cell was found
     false = {w: [0, 0] for w in ways}      # boards without: views, views with a battery box on the board
     k = 0
@@ -78,6 +85,15 @@ def main() -> int:
             cell = next((c for c in batts if inside(c, bb) > 0.6), None)
             cx, cy = (bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2
             for w in ways:
+                if w == "inspector":
+                    look = inspector.inspect(frame.image, bb)
+                    if cell is not None:
+                        seen[w][0] += 1
+                        seen[w][1] += look.found
+                    else:
+                        false[w][0] += 1
+                        false[w][1] += look.found
+                    continue
                 if w == "whole frame":
                     found = list(zip(whole.boxes.tolist(), whole.class_ids.tolist()))
                 else:

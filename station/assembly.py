@@ -40,6 +40,19 @@ def build_detector(cfg: StationConfig):
                     threads=d.intra_op_threads, max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
 
 
+def build_inspector(cfg: StationConfig):
+    """The board inspector the config names, or None: the station then relies on the detector's view."""
+    ic = cfg.inspector
+    if ic.model is None:
+        return None
+    from vision.inspection import BoardInspector
+    from vision.taxonomy import load_taxonomy
+
+    batteries = {c.name for c in load_taxonomy().classes if c.is_battery}
+    return BoardInspector(cfg.resolve(ic.model), batteries, conf=ic.conf_threshold,
+                          min_inside=cfg.rules.attached_overlap, threads=ic.intra_op_threads)
+
+
 @dataclass
 class LinkBundle:
     link: Any                      # firmware_bridge.DiverterLink

@@ -53,6 +53,16 @@ def cmd_dataset_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_board_crops(a: argparse.Namespace) -> int:
+    from station.simline.board_crops import write_board_crops
+
+    m = write_board_crops(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, battery_share=a.battery_share,
+                          jitter=a.jitter, progress=_progress("board crops"))
+    print(json.dumps({k: m[k] for k in ("n", "fingerprint", "boxes", "crops_with_a_battery")} | {"out": str(a.out)},
+                     indent=1))
+    return 0
+
+
 def cmd_model_train(a: argparse.Namespace) -> int:
     from vision.training import TrainExtraMissing, TrainRecipe, train
 
@@ -148,6 +158,15 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--class-weight", action="append", metavar="CLASS=WEIGHT",
                    help="relative frequency of a class in the scenes (default 1 each); repeatable")
     s.set_defaults(func=cmd_dataset_synth)
+    s = dsub.add_parser("board-crops", help="board crops from the simulated line's camera, for the board inspector")
+    s.add_argument("--n", type=int, required=True, help="crops (train+val)")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.add_argument("--val-fraction", type=float, default=0.15)
+    s.add_argument("--battery-share", type=float, default=0.5, help="share of boards carrying a battery")
+    s.add_argument("--jitter", type=float, default=0.03,
+                   help="s.d. of each crop edge's error, as a share of the board's size (a detector's box error)")
+    s.set_defaults(func=cmd_dataset_board_crops)
 
     md = sub.add_parser("model", help="train and export detectors (needs the 'train' extra)")
     msub = md.add_subparsers(dest="model_cmd", required=True)

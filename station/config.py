@@ -75,6 +75,10 @@ class RulesConfig(_Section):
         3: "high-grade boards", 4: "low-grade boards",
     })
     min_confidence: float = Field(0.4, ge=0, le=1, description="mean score of the winning bin over the item's views; below this it goes to manual")
+    faint_min_confidence: float = Field(0.25, ge=0, le=1, description="below min_confidence, an item is still "
+                                        "sorted when its mean score reaches this, ...")
+    faint_min_evidence: float = Field(7.0, ge=0, description="... its winning bin's scores sum to this over its views ...")
+    faint_min_share: float = Field(0.75, ge=0, le=1, description="... and that bin holds this share of all its votes")
     min_views: int = Field(3, ge=1, le=100, description="frames an item must be seen in before it is sorted")
     battery_guard_share: float = Field(0.15, ge=0, le=1,
                                        description="a board whose votes are this battery-like goes to manual")
@@ -92,6 +96,24 @@ class DetectorConfig(_Section):
     max_detections: int = Field(100, ge=1, le=1000)
     agnostic_nms: bool = Field(True, description="suppress overlapping boxes across classes: one place on the belt, "
                                                  "one item (false: per class, as in COCO evaluation)")
+
+
+class InspectorConfig(_Section):
+    """The board inspector: a closer look at each board for a battery still on it (vision.inspection)."""
+    model: str | None = Field("models/inspector/insp-v1.onnx",
+                              description="ONNX model trained on board crops (relative to the repo root); "
+                                          "null: no second look, the detector's own view decides")
+    conf_threshold: float = Field(0.5, ge=0, le=1, description="score a battery box on a board needs to count")
+    looks: int = Field(3, ge=1, le=20, description="most crops inspected per board before its decision")
+    spacing_mm: float = Field(60.0, ge=0, description="belt travel between two looks at the same board")
+    min_hits: int = Field(1, ge=1, le=20, description="looks that must find a battery for the board to go to manual")
+    intra_op_threads: int = Field(2, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _hits_within_looks(self) -> "InspectorConfig":
+        if self.min_hits > self.looks:
+            raise ValueError(f"min_hits={self.min_hits} exceeds looks={self.looks}: no board could ever be flagged")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -295,6 +317,7 @@ class StationConfig(_Section):
     diverters: list[DiverterConfig] = Field(default_factory=_default_diverters)
     rules: RulesConfig = Field(default_factory=RulesConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    inspector: InspectorConfig = Field(default_factory=InspectorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
     records: RecordsConfig = Field(default_factory=RecordsConfig)

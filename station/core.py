@@ -42,6 +42,12 @@ class DetectorLike(Protocol):
     def __call__(self, image: Any) -> Detections: ...
 
 
+class InspectorLike(Protocol):
+    """The board inspector (vision.inspection.BoardInspector)."""
+
+    def inspect(self, image: Any, board_box: Any) -> Any: ...
+
+
 @dataclass
 class FrameResult:
     frame: Frame
@@ -64,12 +70,13 @@ class Counters:
     missed: int = 0                                             # not sent in time, or NAKed late
     naks: Counter = field(default_factory=Counter)
     lost_tracks: int = 0                                        # undecided tracks dropped (flicker)
+    board_looks: int = 0                                        # board crops the inspector looked at
 
     def as_dict(self) -> dict[str, Any]:
         return {"frames": self.frames, "decided": self.decided, "per_bin": dict(self.per_bin),
                 "per_class": dict(self.per_class), "reasons": dict(self.reasons), "sent": self.sent,
                 "acked": self.acked, "fired": self.fired, "missed": self.missed, "naks": dict(self.naks),
-                "lost_tracks": self.lost_tracks}
+                "lost_tracks": self.lost_tracks, "board_looks": self.board_looks}
 
 
 def command_id_base(wall_s: float | None = None) -> int:
@@ -89,7 +96,7 @@ class StationCore:
     def __init__(self, cfg: StationConfig, detector: DetectorLike, link: Link, records: Records,
                  taxonomy: Taxonomy, geometry: BeltGeometry, clock: Callable[[], float],
                  counts_per_s: Callable[[], float], model_version: str, alarms: AlarmBoard | None = None,
-                 first_command_id: int = 1):
+                 first_command_id: int = 1, inspector: InspectorLike | None = None):
         self.cfg = cfg
         self.detector = detector
         self.link = link
@@ -112,6 +119,8 @@ class StationCore:
             gate_mm=cfg.tracking.gate_mm, max_missed=cfg.tracking.max_missed_frames,
             attached_overlap=cfg.rules.attached_overlap, view_length_mm=cfg.camera.width / cfg.camera.px_per_mm)
         self.sorter = Sorter(cfg, taxonomy, names, geometry)
+        self.inspector = inspector
+        self._board_ids = {i for i, n in enumerate(names) if taxonomy.by_name(n).is_board}
         self.counters = Counters()
         self._next_command = first_command_id
         self._command_track: dict[int, int] = {}
@@ -139,6 +148,8 @@ class StationCore:
         det = self.detector(frame.image)
         t = frame.t_ns / 1e9
         seen = self.tracker.update(det, c, t, frame.image.shape[1])
+        if self.inspector is not None:
+            self._inspect_boards(seen, frame, c)
         decisions = []
         for tr in self.tracker.due_for_decision(c, self.cfg.line.decision_line_mm):
             tr.decided = True
@@ -155,6 +166,30 @@ class StationCore:
         if self.capture is not None and decisions:
             self.capture.on_frame(res, {d.track_id: o for d, o in self.recent[-len(decisions):]})
         return res
+
+    def _inspect_boards(self, seen: list[Track], frame: Frame, count: int) -> None:
+        """A closer look at one board in view before its decision (vision.inspection: why).
+
+        A board is looked at while it lies wholly in the image, at most `looks` times, `spacing_mm`
+        of belt apart: looks at the same place see the same pixels and add cost, not evidence.
+        One look per frame bounds what a frame can cost (the detector plus one crop); the board
+        nearest the decision line goes first, as it has the fewest frames left.
+        """
+        ic = self.cfg.inspector
+        spacing = ic.spacing_mm / self.geom.mm_per_count
+        due = [tr for tr in seen
+               if not tr.decided and tr.looks < ic.looks and tr.last_box_whole and tr.last_box is not None
+               and tr.best_class in self._board_ids
+               and (tr.last_look_count is None or abs(count - tr.last_look_count) >= spacing)]
+        if not due:
+            return
+        tr = max(due, key=lambda t_: t_.x_at(count, self.geom))
+        look = self.inspector.inspect(frame.image, tr.last_box)
+        tr.looks += 1
+        tr.last_look_count = count
+        self.counters.board_looks += 1
+        if look.found:
+            tr.look_hits += 1
 
     # ---- hot-swap: a validated model takes over between two frames ------------------------------
     def offer_detector(self, detector: DetectorLike, version: str) -> None:

@@ -128,6 +128,7 @@ class Detector:
         self._canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
         self._tensor = np.empty((1, 3, h, w), np.float32)
         self._geom: tuple[int, int, float, int, int, int, int] | None = None
+        self._halves: list[np.ndarray] = []
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -141,14 +142,37 @@ class Detector:
             nh, nw = int(round(H * r)), int(round(W * r))
             dy, dx = (h - nh) // 2, (w - nw) // 2
             self._canvas[:] = PAD_VALUE
+            self._halves = self._halving_buffers(H, W, nw)
             self._geom = (H, W, r, nh, nw, dy, dx)
         _, _, r, nh, nw, dy, dx = self._geom
         roi = self._canvas[dy:dy + nh, dx:dx + nw]
-        cv2.resize(image, (nw, nh), dst=roi, interpolation=cv2.INTER_AREA)
+        src = image
+        for buf in self._halves:
+            cv2.resize(src, (buf.shape[1], buf.shape[0]), dst=buf, interpolation=cv2.INTER_AREA)
+            src = buf
+        # what is left is at most a halving (or an enlargement), where bilinear is what ultralytics
+        # trains with; a larger odd-sized reduction keeps the slow, alias-free area filter
+        interp = cv2.INTER_LINEAR if nw >= src.shape[1] / 2 else cv2.INTER_AREA
+        cv2.resize(src, (nw, nh), dst=roi, interpolation=interp)
         # BGR->RGB, HWC->CHW and 1/255 in one pass into the preallocated tensor
         np.multiply(self._canvas[:, :, ::-1].transpose(2, 0, 1), np.float32(1 / 255.0), out=self._tensor[0],
                     casting="unsafe")
         return r, dx, dy
+
+    @staticmethod
+    def _halving_buffers(H: int, W: int, nw: int) -> list[np.ndarray]:
+        """Buffers for exact 2x reductions while more than a halving remains.
+
+        Why: OpenCV's area filter at a fractional ratio (1280 -> 416 px) costs ~4-9 ms on one
+        core, more than the rest of the station's per-frame work; at exactly 2x it is a 2x2 box
+        mean (~0.6 ms). Halving first and finishing bilinearly gives the same anti-aliased image
+        the training images had (rendered, stored at 640 px by area, resized bilinearly).
+        """
+        bufs = []
+        while nw < W / 2 and W % 2 == 0 and H % 2 == 0:
+            H, W = H // 2, W // 2
+            bufs.append(np.empty((H, W, 3), np.uint8))
+        return bufs
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The model input for `image` (for benchmarks: the raw session on a prepared tensor)."""

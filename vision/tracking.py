@@ -41,6 +41,13 @@ class Track:
     attached_votes: int = 0      # frames in which a battery was seen on it
     attached_class_votes: dict[int, float] = field(default_factory=dict)
     decided: bool = False
+    # the last detection box (frame pixels) and whether it lay wholly inside the image: what the
+    # board inspector crops
+    last_box: np.ndarray | None = None
+    last_box_whole: bool = False
+    looks: int = 0               # board inspector: crops inspected, and those with a battery on the board
+    look_hits: int = 0
+    last_look_count: int | None = None
     born_x_mm: float = 0.0       # where it was first seen: past the decision line means too late to sort
     history: list[tuple[int, float, float, int, float]] = field(default_factory=list)  # count, u, y, cls, score
 
@@ -209,6 +216,8 @@ class BeltTracker:
         tr.hits += 1
         tr.missed = 0
         tr.last_count = count
+        tr.last_box = det.boxes[k]
+        tr.last_box_whole = front_ok and back_ok
         if k in on_board:
             tr.attached_votes += 1
             for c, s_ in on_board[k]:

@@ -81,3 +81,9 @@ def test_file_errors_are_specific(tmp_path: Path):
     lst.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(lst)
+
+
+def test_inspector_that_could_never_flag_a_board_is_refused():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"inspector": {"model": "models/inspector/insp-v1.onnx", "looks": 2, "min_hits": 3}})
+    assert "inspector" in str(e.value) and "min_hits=3 exceeds looks=2" in str(e.value)

@@ -88,3 +88,40 @@ def test_disabled_diverter_sends_to_manual():
     from station.config import config_from_dict
     s = Sorter(config_from_dict(d), TAX, NAMES, GEOM)
     assert s.decide(track({"board_low": 9.0})).reason == Reason.NO_RULE
+
+
+def looked_at(tr: Track, looks: int, hits: int) -> Track:
+    tr.looks, tr.look_hits = looks, hits
+    return tr
+
+
+def test_the_inspectors_closer_look_decides_for_a_board_it_saw():
+    """Its look overrules the detector's far view both ways: a capacitor the far view read as a
+    coin cell does not send a clean board to manual, and a cell only the close look saw does."""
+    cfg = StationConfig()
+    cfg.inspector.min_hits = 2
+    s = Sorter(cfg, TAX, NAMES, GEOM)
+    assert s.decide(looked_at(track({"board_low": 9.0}, attached=5), looks=3, hits=0)).bin == 4
+    d = s.decide(looked_at(track({"board_high": 9.0}), looks=3, hits=2))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.BATTERY_ON_BOARD
+    assert s.decide(looked_at(track({"board_high": 9.0}), looks=3, hits=1)).bin == 3
+
+
+def test_a_board_the_inspector_never_saw_whole_falls_back_to_the_detectors_view(sorter):
+    d = sorter.decide(looked_at(track({"board_high": 9.0}, attached=5), looks=0, hits=0))
+    assert d.reason == Reason.BATTERY_ON_BOARD
+
+
+def test_a_faint_item_seen_consistently_is_sorted_a_flickering_one_is_not(sorter):
+    # mean 0.33 over 30 views, all for "other batteries": a faint NiMH cell
+    d = sorter.decide(track({"nimh": 9.0, "alkaline": 1.0}, hits=30))
+    assert d.bin == 2 and d.reason == Reason.RULE and d.confidence == pytest.approx(10 / 30)
+    # the same mean over 9 views (a plastic fragment flickering as a cell): too little evidence
+    d = sorter.decide(track({"nimh": 3.0}, hits=9))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
+    # many faint views, but split across bins (under the Li-ion guard's share): still manual
+    d = sorter.decide(track({"nimh": 8.0, "li_ion_cell": 2.5, "board_low": 1.5}, hits=30))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
+    # fainter than faint_min_confidence
+    d = sorter.decide(track({"nimh": 7.0}, hits=32))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE

@@ -126,3 +126,31 @@ def test_one_box_per_item_on_the_line(detector, shipped_model):
                 pairs_aware += over
     print(f"overlapping box pairs in 100 frames: class-aware NMS {pairs_aware}, station (across classes) {pairs_station}")
     assert pairs_station == 0 and pairs_aware > 0
+
+
+def test_a_camera_frame_is_reduced_as_the_training_images_were(detector):
+    """1280x720 -> 416 px: an exact 2x box mean, then bilinear. The model input must match the
+    alias-free area filter (what the training images were stored with) to within a grey level."""
+    import cv2
+
+    cfg = StationConfig()
+    clock = VirtualClock()
+    world = BeltWorld(cfg, clock, n_items=20, seed=4)
+    cam = SimCamera(cfg, world, clock, seed=4)
+    clock.advance_to(6.0)
+    img = cam.render_at(6.0).image
+    x = detector.prepare(img)[0].copy()
+    assert [b.shape for b in detector._halves] == [(360, 640, 3)]
+    h, w = detector.info.input_hw
+    r = min(h / 720, w / 1280)
+    nh, nw = round(720 * r), round(1280 * r)
+    ref = np.full((h, w, 3), 114, np.uint8)
+    dy, dx = (h - nh) // 2, (w - nw) // 2
+    ref[dy:dy + nh, dx:dx + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    ref_x = ref[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255
+    diff = np.abs(x - ref_x).mean() * 255
+    print(f"mean difference {diff:.2f} grey levels")
+    assert diff < 1.5
+    # a crop no larger than twice the input is not halved first
+    detector.prepare(np.ascontiguousarray(img[:400, :600]))
+    assert detector._halves == []
