@@ -40,8 +40,9 @@ def build_detector(cfg: StationConfig):
                     threads=d.intra_op_threads, max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
 
 
-def build_inspector(cfg: StationConfig):
-    """The board inspector the config names, or None: the station then relies on the detector's view."""
+def build_inspector(cfg: StationConfig, threaded: bool):
+    """The board inspector's looks (station.looks: on a worker thread in real time), or None where
+    the config names no inspector: the station then relies on the detector's view."""
     ic = cfg.inspector
     if ic.model is None:
         return None
@@ -49,8 +50,11 @@ def build_inspector(cfg: StationConfig):
     from vision.taxonomy import load_taxonomy
 
     batteries = {c.name for c in load_taxonomy().classes if c.is_battery}
-    return BoardInspector(cfg.resolve(ic.model), batteries, conf=ic.conf_threshold,
+    from station.looks import InlineLooks, ThreadedLooks
+
+    insp = BoardInspector(cfg.resolve(ic.model), batteries, conf=ic.conf_threshold,
                           min_inside=cfg.rules.attached_overlap, threads=ic.intra_op_threads)
+    return ThreadedLooks(insp) if threaded else InlineLooks(insp)
 
 
 @dataclass

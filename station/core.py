@@ -42,10 +42,12 @@ class DetectorLike(Protocol):
     def __call__(self, image: Any) -> Detections: ...
 
 
-class InspectorLike(Protocol):
-    """The board inspector (vision.inspection.BoardInspector)."""
+class LooksLike(Protocol):
+    """Runs the board inspector's looks (station.looks)."""
 
-    def inspect(self, image: Any, board_box: Any) -> Any: ...
+    def busy(self) -> bool: ...
+    def submit(self, track_id: int, image: Any, box: Any) -> None: ...
+    def take(self) -> list[tuple[int, bool]]: ...
 
 
 @dataclass
@@ -96,7 +98,7 @@ class StationCore:
     def __init__(self, cfg: StationConfig, detector: DetectorLike, link: Link, records: Records,
                  taxonomy: Taxonomy, geometry: BeltGeometry, clock: Callable[[], float],
                  counts_per_s: Callable[[], float], model_version: str, alarms: AlarmBoard | None = None,
-                 first_command_id: int = 1, inspector: InspectorLike | None = None):
+                 first_command_id: int = 1, inspector: LooksLike | None = None):
         self.cfg = cfg
         self.detector = detector
         self.link = link
@@ -172,24 +174,35 @@ class StationCore:
 
         A board is looked at while it lies wholly in the image, at most `looks` times, `spacing_mm`
         of belt apart: looks at the same place see the same pixels and add cost, not evidence.
-        One look per frame bounds what a frame can cost (the detector plus one crop); the board
+        One look at a time bounds what the looks cost (station.looks: where they run); the board
         nearest the decision line goes first, as it has the fewest frames left.
         """
+        self._apply_looks()
+        if self.inspector.busy():
+            return
         ic = self.cfg.inspector
         spacing = ic.spacing_mm / self.geom.mm_per_count
         due = [tr for tr in seen
-               if not tr.decided and tr.looks < ic.looks and tr.last_box_whole and tr.last_box is not None
-               and tr.best_class in self._board_ids
+               if not tr.decided and tr.looks + tr.look_pending < ic.looks and tr.last_box_whole
+               and tr.last_box is not None and tr.best_class in self._board_ids
                and (tr.last_look_count is None or abs(count - tr.last_look_count) >= spacing)]
         if not due:
             return
         tr = max(due, key=lambda t_: t_.x_at(count, self.geom))
-        look = self.inspector.inspect(frame.image, tr.last_box)
-        tr.looks += 1
         tr.last_look_count = count
-        self.counters.board_looks += 1
-        if look.found:
-            tr.look_hits += 1
+        tr.look_pending += 1
+        self.inspector.submit(tr.id, frame.image, tr.last_box)
+        self._apply_looks()          # made inline (virtual time): it counts for this frame's decisions
+
+    def _apply_looks(self) -> None:
+        for tid, found in self.inspector.take():
+            tr = self.tracker.tracks.get(tid)
+            if tr is None:           # left the view while its look was made
+                continue
+            tr.look_pending -= 1
+            tr.looks += 1
+            tr.look_hits += found
+            self.counters.board_looks += 1
 
     # ---- hot-swap: a validated model takes over between two frames ------------------------------
     def offer_detector(self, detector: DetectorLike, version: str) -> None:

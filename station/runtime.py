@@ -118,7 +118,7 @@ class Station:
                                 geometry_from_config(cfg), self.clock.now,
                                 counts_per_s=lambda: bc.counts_per_s if bc.ready else cps_cfg,
                                 model_version=self.detector.info.version, alarms=self.alarms,
-                                first_command_id=command_id_base(), inspector=build_inspector(cfg))
+                                first_command_id=command_id_base(), inspector=build_inspector(cfg, threaded=True))
         self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
         from station.capture import open_capture
 
@@ -290,6 +290,8 @@ class Station:
             self.bundle.close()
             self.records.close()
             self.camera.close()
+            if self.core.inspector is not None:
+                self.core.inspector.close()
 
     def status_line(self) -> str:
         c = self.core.counters

@@ -68,7 +68,7 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
     core = StationCore(station_cfg, det, link, records, load_taxonomy(), geometry_from_config(station_cfg), clock.now,
                        counts_per_s=lambda: cps, model_version=det.info.version, alarms=AlarmBoard(clock.now),
-                       inspector=None if oracle else build_inspector(cfg))
+                       inspector=None if oracle else build_inspector(cfg, threaded=False))
     core.alarms.listeners.append(records.alarm_raised)    # every alarm raise goes on record
     capture = None
     if capture_dir is not None or cfg.capture.enabled:

@@ -47,6 +47,7 @@ class Track:
     last_box_whole: bool = False
     looks: int = 0               # board inspector: crops inspected, and those with a battery on the board
     look_hits: int = 0
+    look_pending: int = 0        # looks asked for whose answer has not come back
     last_look_count: int | None = None
     born_x_mm: float = 0.0       # where it was first seen: past the decision line means too late to sort
     history: list[tuple[int, float, float, int, float]] = field(default_factory=list)  # count, u, y, cls, score

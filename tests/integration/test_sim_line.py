@@ -62,12 +62,12 @@ def test_whole_station_with_the_shipped_model_on_300_items(tmp_path, shipped_mod
     rep = run_fast(StationConfig(), 300, seed=21, records_path=db)
     print(json.dumps({k: rep[k] for k in ("items", "purity", "recovery", "missed", "frames", "wall_s")}))
     assert rep["items"] == 300
-    # det-v4 measured purity 0.9839 / recovery 0.9242 on exactly this run (det-v3: 0.9684 / 0.928 with NMS
-    # across classes, 0.9675 / 0.9015 class-aware, which made two tracks of some cells; det-v1: 0.90 / 0.41
-    # on 200 items). The floor guards the wiring and the model against regressions; the 0.98
-    # recovery is not met yet (uncertain cells and boards read as carrying a cell go to manual).
-    assert rep["purity"] >= 0.95, rep["per_bin"]
-    assert rep["recovery"] >= 0.87, rep["per_bin"]
+    # measured on exactly this run: purity 0.9805 / recovery 0.9545 with the board inspector and the
+    # faint-but-consistent rule (det-v4 alone: 0.9839 / 0.9242; det-v3: 0.9684 / 0.928; det-v1: 0.90 / 0.41
+    # on 200 items). The floor guards the wiring and the models against regressions; the 0.98
+    # recovery is not met yet (cells the detector scores low or half as Li-ion go to manual).
+    assert rep["purity"] >= 0.96, rep["per_bin"]
+    assert rep["recovery"] >= 0.93, rep["per_bin"]
     # the records agree with the station's own counters
     con = sqlite3.connect(db)
     n = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]

@@ -1,0 +1,73 @@
+"""The board inspector's looks, inline (virtual time) and on a worker thread (real time)."""
+from __future__ import annotations
+
+import time
+
+import cv2
+import pytest
+
+from station.config import StationConfig
+from station.looks import InlineLooks, ThreadedLooks
+from station.simline.board_crops import write_board_crops
+from vision.inspection import BoardInspector
+from vision.taxonomy import load_taxonomy
+
+
+@pytest.fixture(scope="module")
+def boards(tmp_path_factory) -> list[tuple[object, bool]]:
+    out = tmp_path_factory.mktemp("crops")
+    write_board_crops(out, 30, seed=9, val_fraction=0.0, jitter=0.0)
+    res = []
+    for img in sorted((out / "images" / "train").glob("*.jpg")):
+        has = bool((out / "labels" / "train" / f"{img.stem}.txt").read_text().strip())
+        res.append((cv2.imread(str(img)), has))
+    assert any(h for _, h in res) and not all(h for _, h in res)
+    return res
+
+
+@pytest.fixture(scope="module")
+def inspector() -> BoardInspector:
+    cfg = StationConfig()
+    return BoardInspector(cfg.resolve(cfg.inspector.model), {c.name for c in load_taxonomy().classes if c.is_battery},
+                          threads=1)
+
+
+def _box(im):
+    return (6.0, 6.0, im.shape[1] - 6.0, im.shape[0] - 6.0)
+
+
+def test_worker_thread_gives_the_same_answers_as_the_inline_looks(boards, inspector):
+    inline, threaded = InlineLooks(inspector), ThreadedLooks(inspector)
+    try:
+        got_inline, got_threaded = {}, {}
+        for k, (im, _) in enumerate(boards):
+            inline.submit(k, im, _box(im))
+            got_inline.update(inline.take())
+            threaded.submit(k, im, _box(im))
+            assert threaded.busy()                     # one look in flight: the loop submits no other
+            deadline = time.monotonic() + 10
+            while threaded.busy() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            got_threaded.update(threaded.take())
+        assert got_threaded == got_inline and len(got_inline) == len(boards)
+        # and they are right about most boards (the model's own accuracy is tested in tests/vision)
+        right = sum(got_inline[k] == has for k, (_, has) in enumerate(boards))
+        assert right >= 0.8 * len(boards)
+    finally:
+        threaded.close()
+
+
+def test_the_worker_owns_a_copy_of_its_crop(boards, inspector):
+    """The camera may reuse its frame buffer: a frame overwritten after submit changes nothing."""
+    im, has = next((im, h) for im, h in boards if h)
+    frame = im.copy()
+    looks = ThreadedLooks(inspector)
+    try:
+        looks.submit(1, frame, _box(frame))
+        frame[:] = 0
+        deadline = time.monotonic() + 10
+        while looks.busy() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert looks.take() == [(1, bool(inspector.inspect(im, _box(im)).found))]
+    finally:
+        looks.close()
