@@ -141,14 +141,19 @@ def cmd_model_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _generated_set_args(s: argparse.ArgumentParser, what: str, val_fraction: float) -> None:
+    """What every generated dataset takes: how many, from which seed, where, and its val share."""
+    s.add_argument("--n", type=int, required=True, help=f"{what} (train+val)")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.add_argument("--val-fraction", type=float, default=val_fraction)
+
+
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
     ds = sub.add_parser("dataset", help="datasets for training and evaluation")
     dsub = ds.add_subparsers(dest="dataset_cmd", required=True)
     s = dsub.add_parser("synth", help="write an ultralytics-ready synthetic dataset from the renderer")
-    s.add_argument("--n", type=int, required=True, help="train+val images")
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--out", required=True)
-    s.add_argument("--val-fraction", type=float, default=0.08)
+    _generated_set_args(s, "images", 0.08)
     s.add_argument("--test-n", type=int, default=0, help="held-out test images (other seed, shifted settings)")
     s.add_argument("--workers", type=int, default=None)
     s.add_argument("--line-look", type=float, default=0.0,
@@ -159,10 +164,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="relative frequency of a class in the scenes (default 1 each); repeatable")
     s.set_defaults(func=cmd_dataset_synth)
     s = dsub.add_parser("board-crops", help="board crops from the simulated line's camera, for the board inspector")
-    s.add_argument("--n", type=int, required=True, help="crops (train+val)")
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--out", required=True)
-    s.add_argument("--val-fraction", type=float, default=0.15)
+    _generated_set_args(s, "crops", 0.15)
     s.add_argument("--battery-share", type=float, default=0.5, help="share of boards carrying a battery")
     s.add_argument("--jitter", type=float, default=0.03,
                    help="s.d. of each crop edge's error, as a share of the board's size (a detector's box error)")

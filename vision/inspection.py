@@ -49,7 +49,7 @@ class Inspection:
 
 
 class BoardInspector:
-    """Runs the inspector model on board crops. Not thread-safe: the station loop owns it."""
+    """Runs the inspector model on board crops. Not thread-safe: one thread owns it (station.looks)."""
 
     def __init__(self, model_path: str | Path, battery_names: set[str], conf: float = 0.5,
                  min_inside: float = 0.6, threads: int = 2):
