@@ -46,12 +46,11 @@ def build_inspector(cfg: StationConfig, threaded: bool):
     ic = cfg.inspector
     if ic.model is None:
         return None
+    from station.looks import InlineLooks, ThreadedLooks
     from vision.inspection import BoardInspector
     from vision.taxonomy import load_taxonomy
 
     batteries = {c.name for c in load_taxonomy().classes if c.is_battery}
-    from station.looks import InlineLooks, ThreadedLooks
-
     insp = BoardInspector(cfg.resolve(ic.model), batteries, conf=ic.conf_threshold,
                           min_inside=cfg.rules.attached_overlap, threads=ic.intra_op_threads)
     return ThreadedLooks(insp) if threaded else InlineLooks(insp)

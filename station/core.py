@@ -47,7 +47,7 @@ class LooksLike(Protocol):
 
     def busy(self) -> bool: ...
     def submit(self, track_id: int, image: Any, box: Any) -> None: ...
-    def take(self) -> list[tuple[int, bool]]: ...
+    def take(self) -> list[tuple[int, bool | None]]: ...
 
 
 @dataclass
@@ -200,6 +200,11 @@ class StationCore:
             if tr is None:           # left the view while its look was made
                 continue
             tr.look_pending -= 1
+            if found is None:
+                self.alarms.raise_("inspector_failed", Severity.WARNING,
+                                   f"the board inspector could not look at item {tid}: the detector's own view "
+                                   "decides whether a battery is on it (see the station log)", item_id=tid)
+                continue
             tr.looks += 1
             tr.look_hits += found
             self.counters.board_looks += 1

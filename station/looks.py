@@ -27,7 +27,7 @@ class InlineLooks:
 
     def __init__(self, inspector: Any):
         self.inspector = inspector
-        self._done: list[tuple[int, bool]] = []
+        self._done: list[tuple[int, bool | None]] = []
 
     def busy(self) -> bool:
         return False
@@ -35,8 +35,8 @@ class InlineLooks:
     def submit(self, track_id: int, image: np.ndarray, box: np.ndarray) -> None:
         self._done.append((track_id, bool(self.inspector.inspect(image, box).found)))
 
-    def take(self) -> list[tuple[int, bool]]:
-        """(track id, battery found) for every look finished since the last call."""
+    def take(self) -> list[tuple[int, bool | None]]:
+        """(track id, battery found; None: the look failed) for every look finished since the last call."""
         out, self._done = self._done, []
         return out
 
@@ -78,13 +78,12 @@ class ThreadedLooks(InlineLooks):
                 found = bool(self.inspector.inspect(crop, box).found)
             except Exception:          # a failed look is no look: the sorter falls back to the detector's view
                 log.exception("board inspector failed on item %d", track_id)
-                found = None
+                found = None           # the loop raises the alarm: the operator is told
             with self._lock:
                 self._pending -= 1
-                if found is not None:
-                    self._done.append((track_id, found))
+                self._done.append((track_id, found))
 
-    def take(self) -> list[tuple[int, bool]]:
+    def take(self) -> list[tuple[int, bool | None]]:
         with self._lock:
             return super().take()
 

@@ -71,3 +71,20 @@ def test_the_worker_owns_a_copy_of_its_crop(boards, inspector):
         assert looks.take() == [(1, bool(inspector.inspect(im, _box(im)).found))]
     finally:
         looks.close()
+
+
+def test_a_look_that_fails_comes_back_as_none_and_the_worker_goes_on(boards, inspector):
+    """A grey frame (2-D) makes the inspector raise: the loop hears None (it raises the alarm and the
+    detector's view decides), and the next look works."""
+    looks = ThreadedLooks(inspector)
+    try:
+        im, _ = boards[0]
+        looks.submit(1, cv2.cvtColor(im, cv2.COLOR_BGR2GRAY), _box(im))
+        looks.submit(2, im, _box(im))      # queued behind the failing one
+        deadline = time.monotonic() + 10
+        while looks.busy() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        got = dict(looks.take())
+        assert got[1] is None and isinstance(got[2], bool)
+    finally:
+        looks.close()
