@@ -27,6 +27,7 @@ from station.clock import VirtualClock  # noqa: E402
 from station.config import config_from_dict  # noqa: E402
 from station.simline.camera import SimCamera  # noqa: E402
 from station.simline.world import BeltWorld  # noqa: E402
+from vision.detections import containment  # noqa: E402
 from vision.detector import Detector  # noqa: E402
 
 BOARDS = {"board_high", "board_low"}
@@ -34,9 +35,7 @@ BOARDS = {"board_high", "board_low"}
 
 def inside(a, b) -> float:
     """Share of box a's area that lies inside box b."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return ix * iy / max(1e-6, (a[2] - a[0]) * (a[3] - a[1]))
+    return float(containment(a, b)[0, 0])
 
 
 def main() -> int:

@@ -122,7 +122,7 @@ class StationCore:
             attached_overlap=cfg.rules.attached_overlap, view_length_mm=cfg.camera.width / cfg.camera.px_per_mm)
         self.sorter = Sorter(cfg, taxonomy, names, geometry)
         self.inspector = inspector
-        self._board_ids = {i for i, n in enumerate(names) if taxonomy.by_name(n).is_board}
+        self._board_ids = set(self.tracker.board_ids.tolist())
         self.counters = Counters()
         self._next_command = first_command_id
         self._command_track: dict[int, int] = {}

@@ -102,12 +102,7 @@ def write_synth_dataset(
     finally:
         if pool is not None:
             pool.shutdown()
-    tax = load_taxonomy()
-    data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val",
-            "names": {c.id: c.name for c in tax.classes}}
-    if test_n:
-        data["test"] = "images/test"
-    (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    write_data_yaml(out, with_test=bool(test_n))
     manifest = {
         "generator": "kozan synth", "seed": seed, "test_seed": test_seed if test_n else None,
         "n_train": n - n_val, "n_val": n_val, "n_test": test_n, "settings": asdict(base),
@@ -116,6 +111,18 @@ def write_synth_dataset(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def write_data_yaml(out: Path, with_test: bool = False) -> Path:
+    """The ultralytics data.yaml of a generated set in `out`: its splits and the taxonomy's classes."""
+    tax = load_taxonomy()
+    data = {"path": str(Path(out).resolve()), "train": "images/train", "val": "images/val",
+            "names": {c.id: c.name for c in tax.classes}}
+    if with_test:
+        data["test"] = "images/test"
+    p = Path(out) / "data.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
 
 
 def data_yaml_fingerprint(data_yaml: Path) -> str:

@@ -10,6 +10,21 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def containment(small: np.ndarray, big: np.ndarray) -> np.ndarray:
+    """Fraction of each `small` box's area inside each `big` box (xyxy, S×4 and B×4): (S, B).
+
+    "Is this battery on that board" everywhere: tracking, the board inspector, the benches."""
+    small = np.asarray(small).reshape(-1, 4)
+    big = np.asarray(big).reshape(-1, 4)
+    x0 = np.maximum(small[:, None, 0], big[None, :, 0])
+    y0 = np.maximum(small[:, None, 1], big[None, :, 1])
+    x1 = np.minimum(small[:, None, 2], big[None, :, 2])
+    y1 = np.minimum(small[:, None, 3], big[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (small[:, 2] - small[:, 0]) * (small[:, 3] - small[:, 1])
+    return inter / np.maximum(area[:, None], 1e-9)
+
+
 @dataclass(frozen=True)
 class Detections:
     boxes: np.ndarray      # (N, 4) float32 xyxy in source-image pixels

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vision.detections import containment
 from vision.detector import Detector, ModelError
 
 CROP_MARGIN = 0.06      # of the board's size, each side: a detector box may cut the board's edge
@@ -31,14 +32,6 @@ def crop_box(box: tuple[float, float, float, float] | np.ndarray, width: int, he
     my = max(MIN_MARGIN_PX, margin * (y1 - y0))
     return (int(max(0, np.floor(x0 - mx))), int(max(0, np.floor(y0 - my))),
             int(min(width, np.ceil(x1 + mx))), int(min(height, np.ceil(y1 + my))))
-
-
-def inside_share(a: np.ndarray, b: tuple[float, float, float, float]) -> np.ndarray:
-    """For each box in `a` (N×4 xyxy), the share of its area that lies inside box `b`."""
-    ix = np.clip(np.minimum(a[:, 2], b[2]) - np.maximum(a[:, 0], b[0]), 0, None)
-    iy = np.clip(np.minimum(a[:, 3], b[3]) - np.maximum(a[:, 1], b[1]), 0, None)
-    area = np.maximum((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]), 1e-6)
-    return ix * iy / area
 
 
 @dataclass(frozen=True)
@@ -78,7 +71,7 @@ class BoardInspector:
         if len(det) == 0:
             return Inspection(False, None, 0.0)
         bx = (float(board_box[0]) - x0, float(board_box[1]) - y0, float(board_box[2]) - x0, float(board_box[3]) - y0)
-        ok = np.isin(det.class_ids, self._battery_ids) & (inside_share(det.boxes, bx) >= self.min_inside)
+        ok = np.isin(det.class_ids, self._battery_ids) & (containment(det.boxes, bx)[:, 0] >= self.min_inside)
         if not ok.any():
             return Inspection(False, None, 0.0)
         k = int(np.argmax(np.where(ok, det.scores, -1.0)))

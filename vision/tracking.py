@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calibration.geometry import BeltGeometry
-from vision.detections import Detections
+from vision.detections import Detections, containment
 
 
 @dataclass
@@ -86,17 +86,6 @@ class Track:
         return float(self.votes[class_ids].sum() / tot) if tot > 0 else 0.0
 
 
-def _containment(small: np.ndarray, big: np.ndarray) -> np.ndarray:
-    """Fraction of each `small` box's area inside each `big` box: (S, B)."""
-    x0 = np.maximum(small[:, None, 0], big[None, :, 0])
-    y0 = np.maximum(small[:, None, 1], big[None, :, 1])
-    x1 = np.minimum(small[:, None, 2], big[None, :, 2])
-    y1 = np.minimum(small[:, None, 3], big[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = (small[:, 2] - small[:, 0]) * (small[:, 3] - small[:, 1])
-    return inter / np.maximum(area[:, None], 1e-9)
-
-
 class BeltTracker:
     def __init__(self, geometry: BeltGeometry, n_classes: int, board_ids: list[int], battery_ids: list[int],
                  gate_mm: float = 30.0, max_missed: int = 8, attached_overlap: float = 0.6,
@@ -123,7 +112,7 @@ class BeltTracker:
         if is_board.any() and is_batt.any():
             bi = np.nonzero(is_batt)[0]
             gi = np.nonzero(is_board)[0]
-            c = _containment(det.boxes[bi], det.boxes[gi])
+            c = containment(det.boxes[bi], det.boxes[gi])
             best = c.argmax(1)
             for k, b in enumerate(bi):
                 if c[k, best[k]] >= self.attached_overlap:

@@ -18,14 +18,14 @@ from typing import Callable
 
 import cv2
 import numpy as np
-import yaml
 
 from station.clock import VirtualClock
 from station.config import config_from_dict
 from station.simline.camera import SimCamera
 from station.simline.world import BeltWorld
-from vision.datasets import dataset_fingerprint
+from vision.datasets import dataset_fingerprint, write_data_yaml, yolo_lines
 from vision.inspection import crop_box
+from vision.render.synth import Label
 from vision.taxonomy import load_taxonomy
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,13 @@ def write_board_crops(out: Path, n_crops: int, seed: int, val_fraction: float = 
                     continue
                 x0, y0, x1, y1 = crop_box(_jittered(b, rng, jitter), W, H)
                 cw, ch = x1 - x0, y1 - y0
-                lines = []
+                labels = []
                 for cn, (a0, b0, a1, b1) in cells:
                     c = (max(a0, x0), max(b0, y0), min(a1, x1), min(b1, y1))
-                    if c[2] <= c[0] or c[3] <= c[1]:
-                        continue
-                    if (c[2] - c[0]) * (c[3] - c[1]) < 0.5 * (a1 - a0) * (b1 - b0):
-                        continue
-                    lines.append(f"{tax.id_of(cn)} {((c[0] + c[2]) / 2 - x0) / cw:.6f} "
-                                 f"{((c[1] + c[3]) / 2 - y0) / ch:.6f} {(c[2] - c[0]) / cw:.6f} {(c[3] - c[1]) / ch:.6f}")
+                    # a battery mostly cut off by the crop's edge is not labelled in it
+                    if c[2] > c[0] and c[3] > c[1] and (c[2] - c[0]) * (c[3] - c[1]) >= 0.5 * (a1 - a0) * (b1 - b0):
+                        labels.append(Label(cn, (c[0] - x0, c[1] - y0, c[2] - x0, c[3] - y0)))
+                lines = yolo_lines(labels, x1 - x0, y1 - y0)
                 stem = f"c{chunk_seed}_{k:05d}_{int(b[0])}"
                 cv2.imwrite(str(out / "images" / split / f"{stem}.jpg"), frame.image[y0:y1, x0:x1],
                             [cv2.IMWRITE_JPEG_QUALITY, 92])
@@ -102,9 +100,7 @@ def write_board_crops(out: Path, n_crops: int, seed: int, val_fraction: float = 
                 if progress:
                     progress(written, n_crops)
         chunk += 1
-    data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val",
-            "names": {c.id: c.name for c in tax.classes}}
-    (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    write_data_yaml(out)
     manifest = {"generator": "kozan dataset board-crops", "seed": seed, "n": written, "chunks": chunk,
                 "battery_share": battery_share, "jitter": jitter, "every": every, "boxes": boxes,
                 "crops_with_a_battery": with_cell, "fingerprint": dataset_fingerprint(out)}

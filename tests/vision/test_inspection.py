@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from station.simline.board_crops import write_board_crops
-from vision.inspection import crop_box, inside_share
+from vision.detections import containment
+from vision.inspection import crop_box
 from vision.taxonomy import load_taxonomy
 
 
@@ -18,9 +19,9 @@ def test_crop_box_keeps_a_margin_and_stays_in_the_frame():
     assert (x0, y0, x1, y1) == (0, 0, 1280, 720)
 
 
-def test_inside_share():
+def test_containment_is_the_share_of_each_box_inside_another():
     a = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30]], np.float32)
-    assert inside_share(a, (0, 0, 10, 10)).tolist() == pytest.approx([1.0, 0.25, 0.0])
+    assert containment(a, (0, 0, 10, 10))[:, 0].tolist() == pytest.approx([1.0, 0.25, 0.0])
 
 
 def test_board_crops_label_the_cells_on_the_board(tmp_path: Path):
