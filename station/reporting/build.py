@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class Composition:
     sha256: str
     classes: dict[str, dict[str, Any]]
     yields: dict[str, float]
+    references: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> "Composition":
@@ -71,11 +73,60 @@ class Composition:
         for m, y in yields.items():
             if not 0 <= y <= 1:
                 raise ReportError(f"{p}: yield.{m}={y}: a share between 0 and 1")
-        return cls(str(p), hashlib.sha256(raw).hexdigest(), data["classes"], yields)
+        refs = data.get("sources")
+        if isinstance(refs, dict):
+            references = {str(k): " ".join(str(v).split()) for k, v in refs.items()}
+        else:
+            references = _comment_references(raw.decode("utf-8", "replace"))
+        return cls(str(p), hashlib.sha256(raw).hexdigest(), data["classes"], yields, references)
+
+    def sources(self, class_names: list[str]) -> dict[str, Any]:
+        """Where each class's figures come from: per class, its metals grouped by the `source` they cite;
+        and the table's references, key -> full citation (its `sources:` mapping, or the `# Sources`
+        comment block of station/composition.yaml; the yields cite them too)."""
+        per_class: dict[str, list[dict[str, Any]]] = {}
+        for c in class_names:
+            entry = self.classes.get(c)
+            if not entry:
+                continue
+            groups: dict[str, list[str]] = {}
+            for m, spec in (entry.get("metals") or {}).items():
+                groups.setdefault(str(spec.get("source") or "no source given"), []).append(str(m))
+            per_class[c] = [{"metals": ms, "source": src} for src, ms in groups.items()]
+        return {"per_class": per_class, "references": dict(self.references)}
 
     def mass_g(self, cls_name: str) -> float | None:
         c = self.classes.get(cls_name)
         return float(c["mass_g"]) if c else None
+
+
+def _comment_references(text: str) -> dict[str, str]:
+    """`#  [KEY]  citation` entries (continued on deeper-indented comment lines) under a `# Sources` line."""
+    refs: dict[str, str] = {}
+    key = None
+    in_block = False
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            if in_block:
+                break
+            continue
+        body = line[1:]
+        if body.strip().lower() == "sources":
+            in_block, key = True, None
+            continue
+        if not in_block:
+            continue
+        if not body.strip():
+            break
+        m = re.match(r"\s+\[([^\]]+)\]\s+(.*)", body)
+        if m:
+            key = m.group(1).strip()
+            refs[key] = m.group(2).strip()
+        elif key and body.startswith("   "):
+            refs[key] += " " + body.strip()
+        else:
+            break
+    return refs
 
 
 # ---- periods -----------------------------------------------------------------------------------
@@ -313,11 +364,12 @@ def build_report(store: Store, comp: Composition, period: Period | None = None, 
         "alarms": sorted(al.values(), key=lambda e: (e["severity"] != "fault", -e["count"])),
         "model_versions": [{"version": v, "items": k} for v, k in versions.most_common()],
         "runs": [{k: r[k] for k in ("id", "mode", "started_at", "ended_at", "model_version")} for r in runs],
-        "composition": {"path": comp.path, "sha256": comp.sha256, "classes_without_mass": unknown_mass},
+        "composition": {"path": comp.path, "sha256": comp.sha256, "classes_without_mass": unknown_mass,
+                        "sources": comp.sources([r["class"] for r in class_rows])},
         "notes": [
             "Masses and metal contents are estimates: item count x average mass per class x typical content "
-            "per class (composition table above, with its published sources). Only an assay of the sorted "
-            "material measures its content.",
+            "per class (the composition table above, with the published sources of its figures). Only an "
+            "assay of the sorted material measures its content.",
             "Classes are the station's vote for each item, not an inspection. Purity indicators are "
             "model-based; measure purity by inspecting samples from each bin.",
         ],

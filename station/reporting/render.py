@@ -54,11 +54,42 @@ def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
+LEGEND_ROW_H = 16
+LEGEND_CHAR_W = 7.0      # an upper bound for an 11-px sans-serif character (.chart .lg)
+
+
+def legend_entry_width(name: str) -> float:
+    """Swatch, gap and text of one legend entry, in SVG px."""
+    return 14 + LEGEND_CHAR_W * len(name)
+
+
+def _legend_layout(names: list[str], left: int, width: int) -> list[tuple[int, int]]:
+    """(x, row) for each legend entry: left to right from `left`, a new row when the next would overflow."""
+    out: list[tuple[int, int]] = []
+    x, row = left, 0
+    for name in names:
+        w = legend_entry_width(name)
+        if x > left and x + w > width - 4:
+            x, row = left, row + 1
+        if x == left and x + w > width - 4:     # too long even for a row of its own from `left`: start at 0
+            out.append((max(0, int(width - 4 - w)), row))
+            x, row = left, row + 1
+            continue
+        out.append((x, row))
+        x += int(w) + 16
+    return out
+
+
 def bar_chart(title: str, rows: list[tuple[str, list[tuple[str, float]]]], unit: str, width: int = 640,
               legend: list[str] | None = None, fmt: str = "{:,.0f}") -> str:
-    """Horizontal bars, each row stacked from (segment name, value) pairs."""
+    """Horizontal bars, each row stacked from (segment name, value) pairs.
+
+    The legend starts under the bars' left edge and wraps onto as many rows as it needs, so every
+    series keeps its entry inside the chart's width (the SVG grows taller, never wider).
+    """
     bar_h, gap, left, right, top = 22, 8, 170, 90, 30
-    h = top + len(rows) * (bar_h + gap) + (24 if legend else 6)
+    legend_at = _legend_layout(legend or [], left, width)
+    h = top + len(rows) * (bar_h + gap) + (LEGEND_ROW_H * (1 + max(r for _, r in legend_at)) + 6 if legend_at else 6)
     vmax = max([sum(v for _, v in segs) for _, segs in rows] + [1e-9])
     scale = (width - left - right) / vmax
     colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(legend or [])}
@@ -78,12 +109,11 @@ def bar_chart(title: str, rows: list[tuple[str, list[tuple[str, float]]]], unit:
             x += wv
         total = sum(v for _, v in segs)
         out.append(f'<text x="{x + 6:.1f}" y="{y + bar_h * 0.7:.1f}" class="cv">{_e(fmt.format(total))} {_e(unit)}</text>')
-    if legend:
-        x, y = left, h - 8
-        for name in legend:
-            out.append(f'<rect x="{x}" y="{y - 10}" width="10" height="10" fill="{colours[name]}"/>'
-                       f'<text x="{x + 14}" y="{y}" class="lg">{_e(name)}</text>')
-            x += 14 + 7 * len(name) + 16
+    y0 = top + len(rows) * (bar_h + gap) + 12
+    for name, (x, r) in zip(legend or [], legend_at):
+        y = y0 + r * LEGEND_ROW_H
+        out.append(f'<rect x="{x}" y="{y - 10}" width="10" height="10" fill="{colours[name]}"/>'
+                   f'<text x="{x + 14}" y="{y}" class="lg">{_e(name)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -119,7 +149,23 @@ th { background: #eef1f5; } td.n, th.n { text-align: right; }
 .chart { max-width: 100%; height: auto; page-break-inside: avoid; display: block; margin: 2mm 0; }
 .chart .ct { font-weight: bold; font-size: 12px; } .chart .cl, .chart .cv, .chart .lg { font-size: 11px; }
 .note { color: #444; font-size: 9pt; } section { page-break-inside: auto; }
+table.sources { font-size: 9pt; } ol.refs { font-size: 8.5pt; color: #444; padding-left: 0; list-style: none; margin: 1mm 0 3mm; }
+ol.refs li { margin: 0 0 1mm; }
 """
+
+
+def _sources_html(src: dict[str, Any] | None) -> str:
+    """Each reported class's metal contents with the source they cite, then the table's references."""
+    if not src:
+        return ""
+    rows = [[_e(c), "; ".join(f"{_e(', '.join(g['metals']))}: {_e(g['source'])}" for g in groups)]
+            for c, groups in src.get("per_class", {}).items() if groups]
+    out = _table(["class", "metal contents (g/t): source"], rows, "sources") if rows else ""
+    refs = src.get("references") or {}
+    if refs:
+        out += ('<ol class="refs">' + "".join(f"<li><b>[{_e(k)}]</b> {_e(v)}</li>" for k, v in refs.items())
+                + "</ol>")
+    return out
 
 
 def to_html(rep: dict[str, Any]) -> str:
@@ -210,9 +256,10 @@ def to_html(rep: dict[str, Any]) -> str:
     parts.append(_table(["run", "mode", "started", "ended", "model"], [
         [r["id"], _e(r["mode"]), _e(r["started_at"]), _e(r["ended_at"] or "running"), _e(r["model_version"])]
         for r in rep["runs"]]))
+    comp = rep["composition"]
     parts.append("<h2>Basis of the estimates</h2>"
-                 f'<p class="note">Composition table {_e(rep["composition"]["path"])}, SHA-256 '
-                 f'<span class="hash">{_e(rep["composition"]["sha256"])}</span>.</p>'
+                 f'<p class="note">Composition table {_e(comp["path"])}, SHA-256 '
+                 f'<span class="hash">{_e(comp["sha256"])}</span>.</p>' + _sources_html(comp.get("sources"))
                  + "".join(f'<p class="note">{_e(n)}</p>' for n in rep["notes"]))
     parts.append("</body></html>\n")
     return "".join(parts)

@@ -142,7 +142,9 @@ def test_station_killed_mid_run_loses_no_acknowledged_item(tmp_path):
         p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
         rd = Reader(p, DURABLE)
         try:
-            rd.wait_acked(prev + 3, timeout=float(os.environ.get("KOZAN_KILL_TIMEOUT_S", "600")))
+            # well into the run: at least KOZAN_KILL_STATION_ITEMS (10) new items acknowledged since the last kill
+            rd.wait_acked(prev + int(os.environ.get("KOZAN_KILL_STATION_ITEMS", "10")),
+                          timeout=float(os.environ.get("KOZAN_KILL_TIMEOUT_S", "600")))
             time.sleep(0.37)                    # land the kill at an arbitrary point of the writer's cycle
         finally:
             os.kill(p.pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -19,7 +20,7 @@ from station.lots import LotInfo
 from station.records import Records
 from station.reporting.archive import archive
 from station.reporting.build import Composition, build_report, day_period, range_period, shift_period
-from station.reporting.render import PdfUnavailable, to_csv, to_html, write_all
+from station.reporting.render import PdfUnavailable, bar_chart, to_csv, to_html, write_all
 from station.reporting.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,3 +174,60 @@ def test_archive_keeps_what_the_plant_has_not_confirmed(tmp_path, make_item):
     cur.close()
     assert archive(p, tmp_path / "archive", "2100-01-01",
                    keep_after_id=plant_confirmed_id(default_outbox_path(p), p))["moved"]["items"] == 6
+
+
+ALL_CLASSES = ["board_high", "board_low", "li_ion_cell", "li_ion_pack", "nimh", "alkaline", "coin_cell", "lead_acid"]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _legend_entries(svg: str) -> tuple[float, float, list[tuple[str, float, float]]]:
+    root = ET.fromstring(svg)
+    _, _, w, h = (float(v) for v in root.get("viewBox").split())
+    assert float(root.get("width")) == w and float(root.get("height")) == h
+    return w, h, [(t.text, float(t.get("x")), float(t.get("y"))) for t in root.iter(f"{SVG}text")
+                  if t.get("class") == "lg"]
+
+
+def test_chart_legend_fits_the_chart_with_every_class():
+    """All 8 classes on one chart: every series has a legend entry, and every entry lies inside the SVG."""
+    rows = [(f"{b} bin", [(c, float(1 + (b + i) % 3)) for i, c in enumerate(ALL_CLASSES)]) for b in range(5)]
+    for width in (640, 480):
+        svg = bar_chart("Items per bin, by class", rows, "items", width=width, legend=ALL_CLASSES)
+        w, h, entries = _legend_entries(svg)
+        assert w == width and [e[0] for e in entries] == ALL_CLASSES
+        for name, x, y in entries:
+            # 6.5 px a character at 11 px is generous for Noto/DejaVu Sans lowercase
+            assert 0 <= x and x + 6.5 * len(name) <= w, (name, x, w)
+            assert 10 <= y <= h - 3, (name, y, h)
+        boxes = sorted((y, x, x + 6.5 * len(n)) for n, x, y in entries)
+        for (y1, _, e1), (y2, s2, _) in zip(boxes, boxes[1:]):
+            assert y2 > y1 or s2 >= e1, "legend entries overlap"
+        # each entry's swatch has the colour of its class's bars
+        root = ET.fromstring(svg)
+        bar_fill = {r.find(f"{SVG}title").text.split(":")[0]: r.get("fill") for r in root.iter(f"{SVG}rect")
+                    if r.find(f"{SVG}title") is not None}
+        swatches = [r.get("fill") for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is None]
+        assert swatches == [bar_fill[c] for c in ALL_CLASSES]
+
+
+def test_report_prints_the_composition_sources(tmp_path, make_item):
+    """The note points at the table 'with the published sources of its figures': the page prints them."""
+    p = tmp_path / "r.sqlite"
+    _records(p, make_item)
+    with Store(p) as s:
+        rep = build_report(s, COMP, lot_number="KZ-1")
+    src = rep["composition"]["sources"]
+    assert set(src["per_class"]) == {"board_high", "li_ion_cell", "alkaline"}
+    assert {"metals": ["Zn", "Mn"], "source": "S09"} in src["per_class"]["alkaline"]
+    assert src["references"]["S09"].startswith("E. Sayilgan et al.")
+    assert "Hydrometallurgy 97 (2009)" in src["references"]["S09"]       # continuation lines joined
+    assert {"H06", "UNEP09", "X08", "H19", "MF06", "S09", "E-CR", "ILA"} <= set(src["references"])
+    page = to_html(rep)
+    assert "Zn, Mn: S09" in page and "[S09]</b> E. Sayilgan et al." in page and "Hagelüken" in page
+    # a table of the plant's own with a `sources:` mapping instead of the comment block
+    own = tmp_path / "own.yaml"
+    own.write_text("sources:\n  A1: Assay 2026-11, lab X\nclasses:\n  alkaline:\n    mass_g: 24\n"
+                   "    metals:\n      Zn: {g_per_t: 1, source: A1}\n", encoding="utf-8")
+    c = Composition.load(own)
+    assert c.sources(["alkaline", "nimh"]) == {"per_class": {"alkaline": [{"metals": ["Zn"], "source": "A1"}]},
+                                               "references": {"A1": "Assay 2026-11, lab X"}}
