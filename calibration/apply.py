@@ -29,7 +29,10 @@ def geometry_from_calibration(cal: CalibrationFile, cfg) -> BeltGeometry:
         K = np.asarray(cal.camera.camera_matrix, np.float64)
         dist = np.asarray(cal.camera.dist_coeffs, np.float64)
     mpc = cal.encoder.mm_per_count if cal.encoder is not None else cfg.line.mm_per_count
-    return BeltGeometry(np.asarray(cal.belt.homography, np.float64), mpc, K, dist)
+    try:
+        return BeltGeometry(np.asarray(cal.belt.homography, np.float64), mpc, K, dist)
+    except ValueError as e:   # e.g. a homography the file's validator let through but is numerically singular
+        raise CalibrationError(f"belt: {e}") from None
 
 
 def load_checked(cfg) -> CalibrationFile | None:
@@ -41,8 +44,29 @@ def load_checked(cfg) -> CalibrationFile | None:
     errors = [p for p in find_problems(cal, cfg) if p.severity == "error"]
     if errors:
         raise CalibrationError(f"{store.active}: the calibration cannot be used:\n" +
-                               "\n".join(f"  - {p}" for p in errors))
+                               "\n".join(f"  - {p}" for p in errors) + f"\n{ROLLBACK_HINT}")
     return cal
+
+
+ROLLBACK_HINT = ("re-run the tool named above, or make an earlier good version active again "
+                 "(`kozan calibrate history` lists them, `kozan calibrate history --rollback N` restores one)")
+
+
+def check_for_station(cfg) -> None:
+    """Everything the station will ask of the calibration, asked up front: raises CalibrationError
+    (saying what is wrong, what to re-measure and which file) before any camera, link or records are
+    opened. `kozan run` and `kozan sim` call it first."""
+    store = CalibrationStore.from_config(cfg)
+    try:
+        station_cfg = calibrated_config(cfg)
+        station_geometry(station_cfg)
+    except CalibrationError as e:
+        msg = str(e)
+        if str(store.active) not in msg:
+            msg = f"{store.active}: {msg}"
+        if "--rollback" not in msg and store.active.exists():
+            msg += f"\n{ROLLBACK_HINT}"
+        raise CalibrationError(msg) from None
 
 
 def station_geometry(cfg) -> BeltGeometry:

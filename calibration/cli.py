@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -60,13 +61,14 @@ def _images(folder: str) -> Iterator[tuple[Path, np.ndarray]]:
             yield p, img
 
 
-def _live(cfg, n: int) -> Iterator[np.ndarray]:
+def _live(cfg, n: int, prompts: list[str] | None = None) -> Iterator[np.ndarray]:
     from vision.sources import open_camera
 
     cam = open_camera(cfg.camera.source, cfg.camera.width, cfg.camera.height, cfg.camera.fps)
     try:
-        for _ in range(n):
-            input("  position the target, hold it still, press Enter to capture... ")
+        for i in range(n):
+            what = prompts[i] if prompts and i < len(prompts) else "position the target, hold it still"
+            input(f"  {what}, press Enter to capture... ")
             yield cam.read().image
     finally:
         cam.close()
@@ -80,6 +82,10 @@ def _finish(a: argparse.Namespace, cfg, section: str, res: Result, title: str) -
         for p in res.problems:
             _say(f"  - {p}")
         return EXIT_BAD_DATA
+    if res.advice:
+        _say("\nnote:")
+        for n in res.advice:
+            _say(f"  - {n}")
     store = CalibrationStore.from_config(cfg)
     if not a.yes:
         ans = input(f"\nwrite this {section} calibration to {store.active} (the old one is kept in the history)? [y/N] ")
@@ -111,8 +117,13 @@ def cmd_camera(a: argparse.Namespace) -> int:
     cfg = _cfg(a)
     spec = _spec(a)
     det = TargetDetector(spec)
-    _say("Camera calibration: show the target in every part of the image (corners too), tilted 20–40° in "
-         f"different directions, at working distance. Aim for {a.views} sharp views.")
+    if a.images:
+        _say(f"Camera calibration from the images in {a.images}: each should show the target sharp, at working "
+             "distance; together they should put it in every part of the image (corners too), tilted 20–40° in "
+             "different directions. At least 8 images must show the target; 16 or more is better.")
+    else:
+        _say("Camera calibration: show the target in every part of the image (corners too), tilted 20–40° in "
+             f"different directions, at working distance. Aim for {a.views} sharp views.")
     if a.images:
         frames: Iterable[np.ndarray] = (img for _, img in _images(a.images))
         source = f"images {a.images}"
@@ -159,16 +170,28 @@ def cmd_belt(a: argparse.Namespace) -> int:
         _say("warning: no camera calibration — lens distortion will not be corrected (run `kozan calibrate camera`)")
     _say("Belt calibration: lay the target flat on the stopped belt, its long side along the belt, its first row "
          f"of squares {a.target_y_mm:g} mm from the belt's near edge (--target-y-mm), fully in view.")
+    covers = spec.size_mm[1] + a.target_y_mm >= 0.9 * cfg.line.belt_width_mm
     if a.images:
+        _say(f"Reading {a.images}: the first image (by name) shows the target as just described; any further "
+             "images show it slid elsewhere on the belt (across to the far edge), where it need not be measured.")
         imgs = [img for _, img in _images(a.images)]
         source = f"images {a.images}"
     elif cfg.camera.source == "sim":
         from station.simline.calib_scene import CalibScene
 
-        imgs = [CalibScene(cfg, spec, seed=a.seed).render_on_belt(a.sim_x_mm, a.target_y_mm)]
+        scene = CalibScene(cfg, spec, seed=a.seed)
+        imgs = [scene.render_on_belt(a.sim_x_mm, a.target_y_mm)]
+        if a.sim_second_y_mm is not None:
+            imgs.append(scene.render_on_belt(a.sim_x_mm + 20.0, a.sim_second_y_mm, 0.01))
         source = "simulated line"
     else:
-        imgs = list(_live(cfg, 1))
+        n = a.placements or (1 if covers else 2)
+        if n > 1:
+            _say(f"The target is narrower than the belt: {n} placements, the later ones slid across towards the "
+                 "far edge (their position need not be measured; keep the target flat and in view).")
+        prompts = [f"placement 1/{n}: first row {a.target_y_mm:g} mm from the near edge"] + \
+                  [f"placement {i + 1}/{n}: slide the target across, towards the far edge" for i in range(1, n)]
+        imgs = list(_live(cfg, n, prompts))
         source = f"live camera {cfg.camera.source}"
     dets = [d for d in (det.detect(i) for i in imgs) if d is not None]
     res = fit_belt(dets, (cfg.camera.width, cfg.camera.height), spec, source, K, dist, a.target_y_mm,
@@ -242,8 +265,12 @@ def cmd_diverters(a: argparse.Namespace) -> int:
     spec = TargetSpec(4, 3, 25.0, 18.0, a.dictionary)      # the puck: a small target
     det = TargetDetector(spec)
     if cfg.camera.source != "sim" or cfg.link.port != "sim":
-        raise CalibrationError("diverter calibration needs a light gate at each diverter; on this station it "
-                               "runs on the simulated line only (camera.source=sim, link.port=sim)")
+        raise CalibrationError("diverter calibration needs a light gate at each diverter and a sensor on each "
+                               "actuator, reported by the MCU with their encoder counts, which the serial protocol "
+                               "does not carry yet; it runs on the simulated line only (camera.source=sim, "
+                               "link.port=sim). Meanwhile measure each diverter's position and latency by hand and "
+                               "set diverters[].position_mm and latency_ms in the station YAML "
+                               "(docs/CALIBRATION.md)")
     from station.simline.calib_scene import SimDiverterRig
 
     _say(f"Diverter calibration: a puck rides the belt through the camera view and each diverter's light gate "
@@ -289,7 +316,11 @@ def cmd_check(a: argparse.Namespace) -> int:
     rows = [("file", f"{store.active} (version {cal.version}, written {cal.written_at})")]
     for name in ("camera", "belt", "encoder", "diverters"):
         s = getattr(cal, name)
-        rows.append((name, "missing" if s is None else f"{s.measured_at}  {s.method[:70]}"))
+        if s is None:
+            rows.append((name, "missing"))
+            continue
+        rows.append((name, f"{s.measured_at}  ({s.source})" if s.source else s.measured_at))
+        rows += [("", line) for line in textwrap.wrap(s.method, 78)]      # wrapped, never cut
     if cal.camera:
         rows.append(("  reprojection RMS", f"{cal.camera.rms_px:.3f} px"))
     if cal.belt:
@@ -373,6 +404,11 @@ def add_calibrate_commands(sub) -> None:
     b.add_argument("--images", default=None)
     b.add_argument("--target-y-mm", type=float, default=60.0, help="target's first row from the belt's near edge")
     b.add_argument("--sim-x-mm", type=float, default=150.0, help="simulated line: where the target lies")
+    b.add_argument("--sim-second-y-mm", type=float, default=None,
+                   help="simulated line: lay the target a second time, first row this far from the near edge")
+    b.add_argument("--placements", type=int, default=None,
+                   help="live camera: target placements across the belt (default: 2 when the target is narrower "
+                        "than the belt)")
     b.add_argument("--no-undistort", action="store_true", help="ignore the camera calibration")
     b.set_defaults(func=_run(cmd_belt))
 

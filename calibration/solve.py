@@ -24,8 +24,9 @@ _UNDIST = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-10)
 @dataclass
 class Result:
     section: object
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)     # any one: not good enough, nothing is written
     table: list[tuple[str, str]] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)       # good enough, but the technician should know
 
 
 def coverage_cells(dets: list[Detection], size: tuple[int, int]) -> np.ndarray:
@@ -99,6 +100,16 @@ def _apply_h(H: np.ndarray, p: np.ndarray) -> np.ndarray:
     return h[:, :2] / h[:, 2:3]
 
 
+def _rigid(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rotation R and translation t with dst ≈ src @ R.T + t, least squares (Kabsch, no scale:
+    the target's size is known)."""
+    ms, md = src.mean(axis=0), dst.mean(axis=0)
+    U, _, Vt = np.linalg.svd((src - ms).T @ (dst - md))
+    D = np.diag([1.0, np.sign(np.linalg.det(Vt.T @ U.T))])
+    R = Vt.T @ D @ U.T
+    return R, md - ms @ R.T
+
+
 def fit_belt(dets: list[Detection], size: tuple[int, int], spec: TargetSpec, source: str,
              K: np.ndarray | None, dist: np.ndarray | None, target_y_mm: float = 0.0,
              max_residual_mm: float = 1.0, belt_width_mm: float = 400.0) -> Result:
@@ -106,16 +117,33 @@ def fit_belt(dets: list[Detection], size: tuple[int, int], spec: TargetSpec, sou
 
     Belt frame: x = 0 where the image's upstream edge (column 0, middle row) meets the belt, as the
     configuration's decision line and diverter positions assume; y = target y + `target_y_mm` (the
-    distance of the target's first row of squares from the belt's near edge)."""
+    distance of the target's first row of squares from the belt's near edge) in the first image.
+
+    Further images are further placements of the same target (slid across the belt, so that a target
+    narrower than the belt still covers its whole width): their position on the belt need not be
+    known — each is registered by a rigid move of the target, fitted together with the homography."""
     dets = [d for d in dets if len(d) >= 6]
     if not dets:
         return Result(None, ["the target was not found in any image: is it flat on the belt, fully lit and "
                              "in focus? (`kozan calibrate target` prints one)"])
-    px = undistort_px(np.vstack([d.px for d in dets]), K, dist)
-    obj = np.vstack([d.obj_mm for d in dets])
-    Hm, _ = cv2.findHomography(px, obj, 0)
+    pxs = [undistort_px(d.px, K, dist) for d in dets]
+    objs = [np.asarray(d.obj_mm, np.float64).copy() for d in dets]
+    Hm, _ = cv2.findHomography(pxs[0], objs[0], 0)
     if Hm is None:
         return Result(None, ["the homography fit failed: the detected corners are degenerate (collinear?)"])
+    # alternate: register each later placement on the current fit, then refit on all of them
+    for _ in range(10 if len(dets) > 1 else 0):
+        for i in range(1, len(dets)):
+            R, t = _rigid(dets[i].obj_mm, _apply_h(Hm, pxs[i]))
+            objs[i] = dets[i].obj_mm @ R.T + t
+        Hm_new, _ = cv2.findHomography(np.vstack(pxs), np.vstack(objs), 0)
+        if Hm_new is None:
+            return Result(None, ["the homography fit failed: the detected corners are degenerate (collinear?)"])
+        step = float(np.abs(_apply_h(Hm_new, pxs[0]) - _apply_h(Hm, pxs[0])).max())
+        Hm = Hm_new
+        if step < 1e-6:
+            break
+    px, obj = np.vstack(pxs), np.vstack(objs)
     W, H = size
     edge = _apply_h(Hm, undistort_px(np.array([[0.0, (H - 1) / 2]]), K, dist))[0]
     shift = np.array([[1, 0, -edge[0]], [0, 1, target_y_mm], [0, 0, 1.0]])
@@ -128,6 +156,14 @@ def fit_belt(dets: list[Detection], size: tuple[int, int], spec: TargetSpec, sou
     for a, b in zip(edges[:-1], edges[1:]):
         m = (y_belt >= a) & (y_belt < b)
         bands.append(((a + b) / 2, float(res[m].max()) if m.any() else float("nan")))
+    empty = [(a, b) for (a, b), (_, v) in zip(zip(edges[:-1], edges[1:]), bands) if not np.isfinite(v)]
+    advice = []
+    if empty:
+        where = ", ".join(f"y {a:.0f}–{b:.0f} mm" for a, b in empty)
+        advice.append(f"no target corners across {where} of the belt: the residual there is not measured. Lay the "
+                      "target there as well — a second placement (live camera: --placements 2; with --images: a "
+                      "second image of the target slid across; simulated line: --sim-second-y-mm Y) — and run "
+                      "`kozan calibrate belt` again")
     problems = []
     if len(obj) < 20:
         problems.append(f"only {len(obj)} target corners seen (need ≥ 20): is the target in the view?")
@@ -135,20 +171,24 @@ def fit_belt(dets: list[Detection], size: tuple[int, int], spec: TargetSpec, sou
         problems.append(f"residual {res.max():.2f} mm > {max_residual_mm} mm: is the target flat? "
                         + ("run `kozan calibrate camera` first — lens distortion is not corrected" if K is None else
                            "is the camera calibration current?"))
-    span = obj[:, 1].max() - obj[:, 1].min()
+    span = y_belt.max() - y_belt.min()
     if span < 0.4 * belt_width_mm:
         problems.append(f"the target spans only {span:.0f} mm across the belt (need ≥ {0.4 * belt_width_mm:.0f}): "
                         "use a larger target")
-    sec = BeltSection(method=f"{spec.describe()}; {len(dets)} image(s), {len(obj)} corners; least-squares "
-                             f"homography on {'undistorted' if K is not None else 'raw'} pixels",
+    sec = BeltSection(method=f"{spec.describe()}; {len(dets)} placement(s), {len(obj)} corners; least-squares "
+                             f"homography on {'undistorted' if K is not None else 'raw'} pixels"
+                             + ("; later placements registered by a rigid move" if len(dets) > 1 else ""),
                       source=source, homography=Hb.tolist(), undistorted=K is not None, image_size=size,
                       residual_rms_mm=float(np.sqrt(np.mean(res ** 2))), residual_max_mm=float(res.max()),
                       residual_by_width_mm=[(float(y), v) for y, v in bands if np.isfinite(v)], points=len(obj))
-    table = [("corners", str(len(obj))), ("residual RMS (mm)", f"{sec.residual_rms_mm:.3f}"),
-             ("residual max (mm)", f"{sec.residual_max_mm:.3f}"),
-             ("scale at centre (px/mm)", f"{_local_scale(Hb, W / 2, H / 2):.4f}")]
-    table += [(f"  max residual, y {y:.0f} mm", f"{v:.3f}") for y, v in bands if np.isfinite(v)]
-    return Result(sec, problems, table)
+    table = [("placements", str(len(dets))), ("corners", str(len(obj))),
+             ("residual RMS (mm)", f"{sec.residual_rms_mm:.3f}"), ("residual max (mm)", f"{sec.residual_max_mm:.3f}"),
+             ("scale at centre (px/mm)", f"{_local_scale(Hb, W / 2, H / 2):.4f}"),
+             ("max residual across the belt", "")]
+    for (a, b), (_, v) in zip(zip(edges[:-1], edges[1:]), bands):
+        table.append((f"  y {a:3.0f}–{b:3.0f} mm", f"{v:.3f} mm" if np.isfinite(v) else
+                      "no points — lay the target here too (a second placement)"))
+    return Result(sec, problems, table, advice)
 
 
 def _local_scale(Hb: np.ndarray, u: float, v: float) -> float:

@@ -16,6 +16,7 @@ import sys
 import time
 
 from station.cli_model import add_model_commands
+from calibration.store import CalibrationError
 from station.config import ConfigError, dump_defaults, load_config
 
 
@@ -45,10 +46,18 @@ def _override(cfg, item: str):
     return config_from_dict(data, f"--set {item}")
 
 
+def _refuse_bad_calibration(cfg) -> None:
+    """Raise CalibrationError (main prints it) when the station would refuse its calibration."""
+    from calibration.apply import check_for_station
+
+    check_for_station(cfg)
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from station.runtime import Station
 
     cfg = _load(a)
+    _refuse_bad_calibration(cfg)      # before the camera, link and records are opened
     st = Station(cfg)
     stop = {"flag": False}
 
@@ -101,6 +110,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
         print("error: only --fast (virtual time) is a judged batch run; use `kozan run` for real time",
               file=sys.stderr)
         return 2
+    _refuse_bad_calibration(cfg)
 
     def progress(world, core):
         sys.stderr.write(f"\rsim: {world.spawned}/{a.items} items spawned, {core.counters.decided} decided")
@@ -179,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except CalibrationError as e:   # the station refuses it: say what to re-measure, no traceback
+        print(f"calibration error: the station will not run on this calibration.\n{e}", file=sys.stderr)
         return 2
 
 

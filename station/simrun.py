@@ -46,6 +46,10 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     # time passes at all; the MCU watchdog guards real time, so here it only catches a dead host.
     cfg = cfg.model_copy(deep=True)
     cfg.link.watchdog_ms = max(cfg.link.watchdog_ms, 5000)
+    # the world and camera are the truth; the station runs on what calibration says about them (a
+    # calibration the station refuses raises CalibrationError here, before anything is opened)
+    from calibration.apply import calibrated_config
+    station_cfg = calibrated_config(cfg)
     clock = VirtualClock(0.0)
     world = BeltWorld(cfg, clock, n_items=n_items, seed=seed)
     camera = SimCamera(cfg, world, clock, seed=seed if look_seed is None else look_seed)
@@ -60,9 +64,6 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
         records_path = Path(tmp.name) / "records.sqlite"
     records = Records(records_path, batch_s=cfg.records.batch_s, synchronous=cfg.records.synchronous)
     # the watchdog runs on wall time: virtual time outpaces the host's wall-clock heartbeats
-    # the world and camera are the truth; the station runs on what calibration says about them
-    from calibration.apply import calibrated_config
-    station_cfg = calibrated_config(cfg)
     bundle = open_link(station_cfg, clock, environment=world, watchdog_clock=time.monotonic)
     link, fw = bundle.link, bundle.firmware
     cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count

@@ -195,3 +195,193 @@ def test_true_camera_pixel_grid_matches_exact_undistortion():
     exact = tc._undistort(np.c_[u, v].astype(np.float64))
     err_px = np.hypot(gx[v, u] - exact[:, 0], gy[v, u] - exact[:, 1]) * tc.K[0, 0]
     assert err_px.max() < 1e-2, err_px.max()
+
+
+# ---- the tools as a technician meets them: image folders, check, confirmation, roll-back ----------------------
+def _station_copy(cfg, tmp: Path) -> Path:
+    """A second station with the same truth and a copy of the calibrated station's active file (so a test
+    can change or replace it without touching the module's calibration)."""
+    cfgp = _write_cfg(tmp)
+    (tmp / "active.yaml").write_bytes(Path(cfg.calibration.path).read_bytes())
+    return cfgp
+
+
+def _edit_active(cfgp: Path, change) -> None:
+    active = cfgp.parent / "active.yaml"
+    data = yaml.safe_load(active.read_text())
+    change(data)
+    active.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _belt_error_mm(cfg) -> tuple[float, int]:
+    """Max error of the station's pixel → mm against the true camera, over a grid across the whole belt."""
+    geom = station_geometry(cfg)
+    tc = TrueCamera(cfg.sim.true_camera, 1280, 720)
+    xs, ys = np.meshgrid(np.linspace(40, 660, 15), np.linspace(0, cfg.line.belt_width_mm, 9))
+    pts = np.c_[xs.ravel(), ys.ravel()]
+    px = tc.belt_to_px(pts)
+    inside = (px[:, 0] >= 0) & (px[:, 0] < 1280) & (px[:, 1] >= 0) & (px[:, 1] < 720)
+    err = np.linalg.norm(geom.px_to_mm(px[inside]) - (pts[inside] - [_x_origin(cfg), 0.0]), axis=1)
+    return float(err.max()), int(inside.sum())
+
+
+def test_camera_calibration_from_an_image_folder(tmp_path, capsys):
+    import cv2
+    from calibration.targets import TargetSpec
+    from station.config import load_config
+    from station.simline.calib_scene import CalibScene
+
+    cfgp = _write_cfg(tmp_path)
+    cfg = load_config(str(cfgp))
+    folder = tmp_path / "views"
+    folder.mkdir()
+    for i, img in enumerate(CalibScene(cfg, TargetSpec(), seed=7).camera_views(12)):
+        assert cv2.imwrite(str(folder / f"view_{i:02d}.png"), img)
+    assert main(["calibrate", "camera", "-c", str(cfgp), "--yes", "--images", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"from the images in {folder}" in out and "Aim for" not in out     # worded for a folder
+    cam = CalibrationStore.from_config(cfg).load().camera
+    assert cam.source == f"images {folder}" and cam.views == 12
+    f_true = cfg.sim.true_camera.fx
+    fx, fy = cam.camera_matrix[0][0], cam.camera_matrix[1][1]
+    print(f"camera from an image folder (12 PNGs): focal error fx {100 * (fx / f_true - 1):+.3f} %, "
+          f"fy {100 * (fy / f_true - 1):+.3f} %, RMS {cam.rms_px:.3f} px")
+    assert abs(fx / f_true - 1) < 0.01 and abs(fy / f_true - 1) < 0.01
+
+
+def test_belt_report_names_the_bands_it_did_not_measure(calibrated, tmp_path, capsys):
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+    # one placement of a 240 mm target on a 400 mm belt: the far band has no corners, and the report says so
+    assert main(["calibrate", "belt", "-c", str(cfgp), "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"y 300–400 mm\s+no points — lay the target here too", out), out
+    assert "no target corners across y 300–400 mm" in out and "second placement" in out
+    for band in ("0–100", "100–200", "200–300"):
+        assert re.search(rf"y\s+{band} mm\s+\d+\.\d+ mm", out), band
+    # a second placement, slid across to the far edge: every band is measured
+    assert main(["calibrate", "belt", "-c", str(cfgp), "--yes", "--sim-second-y-mm", "160"]) == 0
+    out = capsys.readouterr().out
+    assert "no points" not in out and "placements                    2" in out
+    for band in ("0–100", "100–200", "200–300", "300–400"):
+        assert re.search(rf"y\s+{band} mm\s+\d+\.\d+ mm", out), band
+    from station.config import load_config
+    cfg2 = load_config(str(cfgp))
+    belt = CalibrationStore.from_config(cfg2).load().belt
+    assert [round(y) for y, _ in belt.residual_by_width_mm] == [50, 150, 250, 350]
+    err, n = _belt_error_mm(cfg2)
+    print(f"belt, two placements: residual max {belt.residual_max_mm:.3f} mm in 4/4 bands; "
+          f"true error max {err:.3f} mm over {n} points across the belt")
+    assert err < 1.0
+
+
+def test_belt_from_an_image_folder_with_two_placements(calibrated, tmp_path, capsys):
+    import cv2
+    from calibration.targets import TargetSpec
+    from station.config import load_config
+    from station.simline.calib_scene import CalibScene
+
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+    folder = tmp_path / "belt"
+    folder.mkdir()
+    scene = CalibScene(cfg, TargetSpec(), seed=3)
+    # the first at the measured place (--target-y-mm 60); the second slid across and turned a little
+    cv2.imwrite(str(folder / "a_near.png"), scene.render_on_belt(150.0, 60.0))
+    cv2.imwrite(str(folder / "b_far.png"), scene.render_on_belt(190.0, 158.0, -0.02))
+    assert main(["calibrate", "belt", "-c", str(cfgp), "--yes", "--images", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "no points" not in out
+    err, n = _belt_error_mm(load_config(str(cfgp)))
+    print(f"belt from an image folder, two placements: true error max {err:.3f} mm over {n} points")
+    assert err < 1.0
+
+
+def test_check_calls_a_stale_calibration_a_warning(calibrated, tmp_path, capsys):
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+
+    def age(data):
+        for s in ("camera", "belt", "encoder", "diverters"):
+            data[s]["measured_at"] = "2020-01-01T00:00:00+00:00"
+    _edit_active(cfgp, age)
+    assert main(["calibrate", "check", "-c", str(cfgp)]) == 0      # stale: still usable, exit 0
+    out = capsys.readouterr().out
+    for tool in ("camera", "belt", "encoder", "diverters"):
+        assert re.search(rf"\[warning\] {tool}: stale: measured 2020-01-01.*re-run `kozan calibrate {tool}`", out), tool
+    assert "[error]" not in out
+    # the method text is wrapped, not cut
+    method = CalibrationStore.from_config(cfg).load().diverters.method
+    assert len(method) > 70
+    assert method.split()[-1] in out and " ".join(out.split()).count(" ".join(method.split())) == 1
+
+
+def test_check_calls_an_out_of_tolerance_calibration_an_error(calibrated, tmp_path, capsys):
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+
+    def worsen(data):
+        data["belt"]["residual_max_mm"] = 1.7
+        data["camera"]["rms_px"] = 1.4
+    _edit_active(cfgp, worsen)
+    assert main(["calibrate", "check", "-c", str(cfgp)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\[error\] belt: residual 1\.70 mm exceeds the tolerance 1\.0 mm.*re-run `kozan calibrate belt`",
+                     out), out
+    assert re.search(r"\[error\] camera: reprojection error 1\.40 px.*re-run `kozan calibrate camera`", out), out
+    # and the station refuses it the same way
+    assert main(["sim", "--fast", "--oracle", "--items", "3", "-q", "-c", str(cfgp)]) == 2
+    err = capsys.readouterr().err
+    assert "residual 1.70 mm exceeds" in err and "kozan calibrate belt" in err and "kozan calibrate camera" in err
+
+
+def test_answering_no_keeps_the_old_calibration(calibrated, tmp_path, capsys, monkeypatch):
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+    before = (tmp_path / "active.yaml").read_bytes()
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "n")
+    assert main(["calibrate", "belt", "-c", str(cfgp)]) != 0
+    assert "not written" in capsys.readouterr().out
+    assert len(asked) == 1 and "[y/N]" in asked[0] and "old one is kept" in asked[0]
+    assert (tmp_path / "active.yaml").read_bytes() == before
+    assert not (tmp_path / "history").exists() or not any((tmp_path / "history").iterdir())
+
+
+def test_rollback_from_the_command_line(calibrated, tmp_path, capsys, monkeypatch):
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+    cal = yaml.safe_load((tmp_path / "active.yaml").read_text())    # (an earlier test rolled the module's file)
+    v_old = cal["version"]
+    # a new belt calibration (from another target placement) becomes the next version; the old one is kept
+    assert main(["calibrate", "belt", "-c", str(cfgp), "--yes", "--target-y-mm", "70", "--sim-x-mm", "180"]) == 0
+    assert main(["calibrate", "history", "-c", str(cfgp)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"  v{v_old} ", out) and re.search(rf"\* v{v_old + 1} ", out), out
+    # roll back, but answer "n": nothing changes
+    monkeypatch.setattr("builtins.input", lambda prompt="": "n")
+    before = (tmp_path / "active.yaml").read_bytes()
+    assert main(["calibrate", "history", "-c", str(cfgp), "--rollback", str(v_old)]) == 1
+    assert (tmp_path / "active.yaml").read_bytes() == before
+    # roll back for real: the old homography is active again, as a new version; nothing is lost
+    monkeypatch.setattr("builtins.input", lambda prompt="": "y")
+    assert main(["calibrate", "history", "-c", str(cfgp), "--rollback", str(v_old)]) == 0
+    assert f"version {v_old} is active again (as version {v_old + 2})" in capsys.readouterr().out
+    store = CalibrationStore.from_config(cfg.model_copy(update={"calibration": cfg.calibration.model_copy(
+        update={"path": str(tmp_path / "active.yaml"), "history_dir": str(tmp_path / "history")})}))
+    now = store.load()
+    assert now.version == v_old + 2 and now.belt.homography == cal["belt"]["homography"]
+    assert [v.version for v in store.versions()] == [v_old, v_old + 1, v_old + 2]
+    # an unknown version is refused with the versions there are
+    assert main(["calibrate", "history", "-c", str(cfgp), "--rollback", "99", "--yes"]) == 2
+    assert f"no calibration version 99; versions on disk: [{v_old}, {v_old + 1}, {v_old + 2}]" in capsys.readouterr().out
+
+
+def test_diverter_tool_refuses_a_real_station_saying_what_it_needs(calibrated, tmp_path, capsys):
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+    before = (tmp_path / "active.yaml").read_bytes()
+    assert main(["calibrate", "diverters", "-c", str(cfgp), "--yes", "--set", "camera.source=opencv:0"]) == 2
+    out = capsys.readouterr().out
+    assert "light gate at each diverter" in out and "serial protocol" in out and "diverters[].position_mm" in out
+    assert (tmp_path / "active.yaml").read_bytes() == before
