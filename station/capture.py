@@ -228,10 +228,11 @@ class Capture:
         return name
 
     # ---- the writer thread ----------------------------------------------------------------------
-    def _stop(self, why: str, message: str) -> None:
+    def _stop(self, why: str, message: str, **params: object) -> None:
         if self.stats.stopped is None:
             self.stats.stopped = why
-            self.alarms.raise_("capture_stopped", Severity.WARNING, message)
+            self.alarms.raise_("capture_stopped", Severity.WARNING, message, detail=f"capture_stopped.{why}",
+                               params={"folder": str(self.root), **params})
             log.error("capture stopped: %s", message)
 
     def _writer(self) -> None:
@@ -246,7 +247,8 @@ class Capture:
             except OSError as e:
                 self.stats.failed += 1
                 self._stop("write_error", f"dataset capture stopped: writing {self.root} failed ({e.strerror or e}); "
-                                          "the line goes on — free space or fix the folder, then restart capture")
+                                          "the line goes on — free space or fix the folder, then restart capture",
+                           error=e.strerror or str(e))
             except Exception:
                 self.stats.failed += 1
                 log.exception("capture: writing %s failed", job.name)
@@ -264,12 +266,14 @@ class Capture:
         if self._used + size > quota:
             self._stop("quota", f"dataset capture stopped: {self.root} holds {self._used / 1e6:.0f} MB of its "
                                 f"{self.cfg.quota_mb:.0f} MB quota (capture.quota_mb); the line goes on — move the "
-                                "captures away (`kozan dataset export`) or raise the quota")
+                                "captures away (`kozan dataset export`) or raise the quota",
+                       used_mb=round(self._used / 1e6), quota_mb=round(self.cfg.quota_mb))
             return
         free = shutil.disk_usage(self.root).free
         if free - size < self.cfg.min_free_mb * 1e6:
             self._stop("disk", f"dataset capture stopped: only {free / 1e6:.0f} MB free on the disk of {self.root} "
-                               f"(capture.min_free_mb={self.cfg.min_free_mb:.0f}); the line goes on")
+                               f"(capture.min_free_mb={self.cfg.min_free_mb:.0f}); the line goes on",
+                       free_mb=round(free / 1e6), min_free_mb=round(self.cfg.min_free_mb))
             return
         for sub, data, ext in (("images", jpg.tobytes(), ".jpg"), ("labels", labels, ".txt"), ("meta", meta, ".json")):
             p = self.root / sub / f"{job.name}{ext}"
@@ -303,5 +307,6 @@ def open_capture(cfg: Any, names: tuple[str, ...], alarms: AlarmBoard, model_ver
                        run_id=run_id)
     except OSError as e:
         alarms.raise_("capture_stopped", Severity.WARNING,
-                      f"dataset capture off: cannot use {root} ({e.strerror or e}); the line runs without it")
+                      f"dataset capture off: cannot use {root} ({e.strerror or e}); the line runs without it",
+                      detail="capture_stopped.no_folder", params={"folder": str(root), "error": e.strerror or str(e)})
         return None

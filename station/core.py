@@ -203,7 +203,8 @@ class StationCore:
             if found is None:
                 self.alarms.raise_("inspector_failed", Severity.WARNING,
                                    f"the board inspector could not look at item {tid}: the detector's own view "
-                                   "decides whether a battery is on it (see the station log)", item_id=tid)
+                                   "decides whether a battery is on it (see the station log)", item_id=tid,
+                                   params={"item": tid})
                 continue
             tr.looks += 1
             tr.look_hits += found
@@ -249,7 +250,8 @@ class StationCore:
                 self.counters.missed += 1
                 self.alarms.raise_("missed_item", Severity.WARNING,
                                    f"item {tr.id} ({d.class_name}) could not be diverted in time: "
-                                   "it goes to the end of the belt", item_id=tr.id)
+                                   "it goes to the end of the belt", item_id=tr.id,
+                                   params={"item": tr.id, "class": d.class_name})
                 log.warning("item %d: command for diverter %d too late (%.0f counts to go, need %.0f): missed",
                             tr.id, d.diverter_id, fire_count - now_count, margin)
             else:
@@ -301,24 +303,30 @@ class StationCore:
                     self.counters.missed += 1
                     self.alarms.raise_("missed_item", Severity.WARNING,
                                        f"item {tid}: the MCU refused a late command; it goes to the end of the belt",
-                                       item_id=tid)
+                                       item_id=tid, detail="missed_item.refused_late", params={"item": tid})
                 else:
                     self.alarms.raise_("diverter_fault", Severity.WARNING,
-                                       f"item {tid}: MCU refused command {ev.command_id} ({reason})", item_id=tid)
+                                       f"item {tid}: MCU refused command {ev.command_id} ({reason})", item_id=tid,
+                                       detail="diverter_fault.refused",
+                                       params={"item": tid, "command": ev.command_id, "reason": reason})
             elif isinstance(ev, CommandTimeoutEvent):
                 tid = self._command_track.get(ev.command_id)
                 self.records.item_outcome(ev.command_id, "timeout", now)
                 self.alarms.raise_("link_lost", Severity.FAULT,
                                    f"item {tid}: command {ev.command_id} unanswered after {ev.attempts} tries",
-                                   item_id=tid)
+                                   item_id=tid, detail="link_lost.unanswered",
+                                   params={"item": tid, "command": ev.command_id, "tries": ev.attempts})
             elif isinstance(ev, ResetEvent):
                 for cid in ev.lost_command_ids:
                     self.records.item_outcome(cid, "lost_in_reset", now)
                 self.alarms.raise_("mcu_reset", Severity.FAULT,
                                    f"the diverter controller restarted (boot {ev.boot_id:#x}); "
-                                   f"{len(ev.lost_command_ids)} queued commands lost, configuration re-sent")
+                                   f"{len(ev.lost_command_ids)} queued commands lost, configuration re-sent",
+                                   params={"boot": f"{ev.boot_id:#x}", "lost": len(ev.lost_command_ids)})
             elif isinstance(ev, FaultEvent):
-                self.alarms.raise_("diverter_fault", Severity.FAULT, f"MCU fault {ev.code.name} ({ev.detail})")
+                self.alarms.raise_("diverter_fault", Severity.FAULT, f"MCU fault {ev.code.name} ({ev.detail})",
+                                   params={"fault": ev.code.name, "info": ev.detail})
             elif isinstance(ev, LinkErrorEvent):
-                self.alarms.raise_("link_lost", Severity.FAULT, f"diverter link: {ev.message}")
+                self.alarms.raise_("link_lost", Severity.FAULT, f"diverter link: {ev.message}",
+                                   params={"error": ev.message})
         return len(events)

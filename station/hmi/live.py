@@ -16,6 +16,7 @@ from typing import Any
 
 from station.alarms import Severity
 from station.config import MANUAL_BIN
+from station.hmi.preview import short_name
 from station.state import LineState
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class LiveMonitor:
             self.station.alarms.raise_(
                 "low_confidence_rate", Severity.WARNING,
                 f"{low} of the last {len(window)} items were too uncertain to sort ({share:.0%}): "
-                "check the lens, the light and what is on the belt", item_id=newest)
+                "check the lens, the light and what is on the belt", item_id=newest,
+                params={"low": low, "n": len(window), "pct": round(share * 100)})
 
     def tick(self) -> None:
         st = self.station
@@ -113,8 +115,15 @@ class LiveMonitor:
             bins.append({"bin": b, "name": name, "count": per_bin.get(b, 0),
                          "diverter": d.id if d is not None else None,
                          "enabled": (d.enabled if d is not None else b == MANUAL_BIN)})
+        # per class: every class the model knows (a steady panel from the first second), then any other
+        # class counted (a model swapped for one with other classes), with the live view's short code
+        # and the bin its rule sends it to
+        names = list(getattr(st.detector, "names", ()) or ())
+        names += [n for n in per_class if n not in names]
+        classes = [{"class": n, "short": short_name(n), "count": per_class.get(n, 0),
+                    "bin": cfg.rules.class_to_bin.get(n)} for n in names]
         alarms = [{"id": a.id, "code": a.code, "severity": a.severity.value, "message": a.message,
-                   "count": a.count, "age_s": round(st.clock.now() - a.last_s, 1)}
+                   "detail": a.detail or a.code, "params": a.params, "count": a.count, "age_s": round(st.clock.now() - a.last_s, 1)}
                   for a in st.alarms.active()]
         alarms.sort(key=lambda a: (a["severity"] != "fault", -a["id"]))
         items = []
@@ -131,6 +140,7 @@ class LiveMonitor:
             "counters": {"decided": decided, "missed": c.missed, "frames": c.frames, "fired": c.fired,
                          "sent": c.sent, "dropped": st.mailbox.dropped, "per_class": per_class},
             "bins": bins,
+            "classes": classes,
             "throughput_per_min": round(per_min, 1),
             "fps": round(st.stats.fps, 1), "latency_ms": round(st.stats.latency_ms_p50, 1),
             "link_rtt_ms": round(rtt, 1) if isinstance(rtt, (int, float)) else None,

@@ -29,6 +29,20 @@ BIN_COLOURS: dict[int, tuple[int, int, int]] = {
 }
 _UNDECIDED = (255, 255, 255)
 
+# The live view is one JPEG for every open page, whatever language each page shows, and OpenCV's
+# Hershey fonts draw ASCII only (no kana, kanji or Thai): so a box is labelled with a short code that
+# reads the same in every language plant (industry abbreviations and chemical symbols), and the
+# page's per-class panel is the legend, naming each code's class in the page's language.
+SHORT_NAMES: dict[str, str] = {
+    "board_high": "PCB-H", "board_low": "PCB-L", "li_ion_cell": "Li-C", "li_ion_pack": "Li-P",
+    "alkaline": "Alk", "nimh": "NiMH", "coin_cell": "Coin", "lead_acid": "Pb", "unknown": "?",
+}
+
+
+def short_name(name: str) -> str:
+    """The live view's label for a class: its short code, or (a model with other classes) the name cut short."""
+    return SHORT_NAMES.get(name) or name[:6]
+
 
 class PreviewWorker:
     """Owns the encoded live-view JPEG and a bounded set of item thumbnails."""
@@ -138,7 +152,7 @@ class PreviewWorker:
             col = BIN_COLOURS.get(b, (255, 0, 255)) if b is not None else _UNDECIDED
             cv2.rectangle(small, (x0, y0), (x1, y1), col, 2 if b is not None else 1)
             cid = int(det.class_ids[i])
-            name = self._names[cid] if 0 <= cid < len(self._names) else str(cid)
+            name = short_name(self._names[cid]) if 0 <= cid < len(self._names) else str(cid)
             label = (f"#{tid} " if tid >= 0 else "") + name + (f" >B{b}" if b is not None else "")
             (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
             ty = max(th + 2, y0)

@@ -43,6 +43,17 @@ _LINE_ACTIONS = {"start": "start_line", "pause": "pause_line", "stop": "stop_lin
                  "estop": "estop_line"}
 
 
+class HmiError(HTTPException):
+    """An HTTP error the page can show in its own language: the body is `{"detail": English text,
+    "code": ..., "params": {...}}` and the page renders `error.<code>` with `params` (the English
+    `detail` where its language has no such template)."""
+
+    def __init__(self, status: int, message: str, code: str, **params: Any):
+        super().__init__(status, message)
+        self.code = code
+        self.params = {k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in params.items()}
+
+
 def languages() -> list[dict[str, str]]:
     """Every translation file present: adding th.json adds Thai, with no code."""
     out = []
@@ -89,6 +100,11 @@ class Hmi:
         st, hmi = self.station, self
         token = self.cfg.token
 
+        @app.exception_handler(HmiError)
+        async def hmi_error(request: Request, exc: HmiError) -> JSONResponse:
+            return JSONResponse({"detail": exc.detail, "code": exc.code, "params": exc.params},
+                                status_code=exc.status_code, headers=exc.headers)
+
         @app.middleware("http")
         async def require_token(request: Request, call_next):  # type: ignore[no-untyped-def]
             if not token:
@@ -108,8 +124,9 @@ class Hmi:
 
         def require_tech(session: str | None) -> None:
             if not hmi.auth.valid(session):
-                raise HTTPException(401, "technician access needed: enter the PIN (it lasts "
-                                         f"{hmi.cfg.tech_session_s / 60:.0f} min)")
+                raise HmiError(401, "technician access needed: enter the PIN (it lasts "
+                                    f"{hmi.cfg.tech_session_s / 60:.0f} min)", "tech_needed",
+                               min=round(hmi.cfg.tech_session_s / 60))
 
         @app.get("/", include_in_schema=False)
         def index() -> FileResponse:
@@ -175,7 +192,7 @@ class Hmi:
                 getattr(st, _LINE_ACTIONS[action])()
             except IllegalTransition as e:
                 hmi.audit.write("operator", f"line.{action}", False, client(request), error=str(e))
-                raise HTTPException(409, str(e)) from None
+                raise HmiError(409, str(e), "line_refused", action=action, state=st.state.state.value) from None
             hmi.audit.write("operator", f"line.{action}", True, client(request), state=st.state.state.value)
             hmi.live.tick()
             return {"state": st.state.state.value, "reason": st.state.reason}
@@ -185,7 +202,7 @@ class Hmi:
             try:
                 pending = st.send_next_to_manual(n)
             except ValueError as e:
-                raise HTTPException(422, str(e)) from None
+                raise HmiError(422, str(e), "manual_n", n=n) from None
             hmi.audit.write("operator", "manual_next", True, client(request), n=n)
             hmi.live.tick()
             return {"manual_next": pending}
@@ -197,10 +214,11 @@ class Hmi:
                 name = st.flag_wrong_bin(track_id, note)
             except KeyError as e:
                 hmi.audit.write("operator", "wrong_bin", False, client(request), track_id=track_id, error=str(e))
-                raise HTTPException(404, str(e.args[0])) from None
+                raise HmiError(404, str(e.args[0]), "item_unknown", item=track_id) from None
             except (RuntimeError, AttributeError) as e:
                 hmi.audit.write("operator", "wrong_bin", False, client(request), track_id=track_id, error=str(e))
-                raise HTTPException(409, str(e)) from None
+                raise HmiError(409, str(e), "capture_off" if isinstance(e, RuntimeError) else "not_possible",
+                               item=track_id) from None
             hmi.audit.write("operator", "wrong_bin", True, client(request), track_id=track_id, capture=name)
             hmi.live.flagged.add(track_id)
             hmi.live.tick()
@@ -211,7 +229,8 @@ class Hmi:
             ok = any(a.id == alarm_id for a in st.alarms.active()) and st.alarms.acknowledge(alarm_id)
             hmi.audit.write("operator", "alarm.ack", ok, client(request), alarm_id=alarm_id)
             if not ok:
-                raise HTTPException(404, f"no alarm {alarm_id}: it may have been acknowledged already")
+                raise HmiError(404, f"no alarm {alarm_id}: it may have been acknowledged already", "alarm_gone",
+                               id=alarm_id)
             hmi.live.tick()
             return {"acknowledged": alarm_id}
 
@@ -301,10 +320,11 @@ class Hmi:
                 version = st.switch_model(model)
             except IllegalTransition as e:
                 hmi.audit.write("technician", "model", False, client(request), model=model, error=str(e))
-                raise HTTPException(409, str(e)) from None
+                raise HmiError(409, str(e), "model_busy", model=model, error=str(e)) from None
             except Exception as e:   # missing file, not ONNX, other classes: the message says which
                 hmi.audit.write("technician", "model", False, client(request), model=model, error=str(e))
-                raise HTTPException(422, f"model {model} not loaded: {e}") from None
+                raise HmiError(422, f"model {model} not loaded: {e}", "model_not_loaded", model=model,
+                               error=str(e)) from None
             hmi.audit.write("technician", "model", True, client(request), model=model, version=version)
             return {"model": model, "version": version}
 

@@ -2,6 +2,7 @@
 plus the live stream over a real uvicorn on a free port."""
 from __future__ import annotations
 
+import ast
 import json
 import re
 import time
@@ -103,10 +104,13 @@ def test_line_controls_follow_the_state_machine_and_are_audited(client: TestClie
 
 
 def test_alarm_is_listed_and_acknowledged(client: TestClient, running_station: Any) -> None:
-    a = running_station.alarms.raise_("diverter_fault", Severity.FAULT, "MCU fault OVERCURRENT (3) (test)")
+    # a code the running simulated line never raises itself (its diverter faults would repeat this one
+    # and replace its message while the test looks)
+    a = running_station.alarms.raise_("camera_lost", Severity.FAULT, "camera lost: USB unplugged (test)",
+                                      params={"error": "USB unplugged (test)"})
     wait_for(lambda: any(x["id"] == a.id for x in client.get("/api/state").json()["alarms"]), 5, "the alarm listed")
     listed = next(x for x in client.get("/api/state").json()["alarms"] if x["id"] == a.id)
-    assert listed["severity"] == "fault" and "OVERCURRENT" in listed["message"]
+    assert listed["severity"] == "fault" and "USB unplugged" in listed["message"]
     assert client.post(f"/api/alarms/{a.id}/ack").status_code == 200
     assert all(x["id"] != a.id for x in client.get("/api/state").json()["alarms"])
     r = client.post(f"/api/alarms/{a.id}/ack")
@@ -216,6 +220,113 @@ def test_translations_cover_every_string_of_the_page(client: TestClient) -> None
     assert client.get("/api/i18n/xx").status_code == 404
 
 
+def raised_alarm_details() -> dict[str, set[str] | None]:
+    """Every alarm detail template the station can ask for, found in its source (not a list kept by
+    hand): `alarm_detail.<detail>` for each `raise_(code, ..., detail=...)` (the code where no detail is
+    given), plus capture's `_stop("<why>", ...)` (detail `capture_stopped.<why>`). The value is the set of
+    parameter names where the call spells them out (a dict literal, or `_stop`'s keywords), else None."""
+    found: dict[str, set[str] | None] = {}
+
+    def add(key: str, names: set[str] | None) -> None:
+        found[key] = (found.get(key) or set()) | names if names is not None else found.get(key)
+
+    for path in (REPO / "station").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            kw = {k.arg: k.value for k in node.keywords}
+            if node.func.attr == "raise_" and node.args and isinstance(node.args[0], ast.Constant):
+                d = kw.get("detail")
+                if isinstance(d, ast.JoinedStr):
+                    continue                       # capture's _stop: its callers are collected below
+                key = d.value if isinstance(d, ast.Constant) else node.args[0].value
+                p = kw.get("params")
+                names = ({k.value for k in p.keys if isinstance(k, ast.Constant)} if isinstance(p, ast.Dict)
+                         else set() if p is None else None)
+                add(key, names)
+            elif node.func.attr == "_stop" and path.name == "capture.py" and node.args \
+                    and isinstance(node.args[0], ast.Constant):
+                add(f"capture_stopped.{node.args[0].value}", {k for k in kw if k} | {"folder"})
+    return found
+
+
+def test_every_alarm_has_a_detail_template_in_every_language() -> None:
+    details = raised_alarm_details()
+    assert {"missed_item", "missed_item.refused_late", "link_lost", "link_lost.unanswered", "camera_lost",
+            "low_confidence_rate", "diverter_fault", "diverter_fault.refused", "capture_stopped.quota"} <= set(details)
+    for lang in languages():
+        d = json.loads((HMI_DIR / "i18n" / f"{lang['code']}.json").read_text(encoding="utf-8"))
+        missing = sorted(k for k in details if f"alarm_detail.{k}" not in d)
+        assert not missing, f"{lang['code']}.json has no alarm_detail template for {missing}"
+        for key, names in details.items():
+            used = set(re.findall(r"\{([a-z_]+)\}", d[f"alarm_detail.{key}"]))
+            if names is not None:    # the page fills `message` (the English text) itself
+                assert used <= names | {"message"}, \
+                    f"{lang['code']}.json alarm_detail.{key} uses {sorted(used - names)}: not given where it is raised"
+
+
+def test_alarms_and_errors_reach_the_page_as_codes_and_parameters(client: TestClient, running_station: Any) -> None:
+    a = running_station.alarms.raise_("link_lost", Severity.FAULT, "item 7: command 3 unanswered after 3 tries",
+                                      item_id=7, detail="link_lost.unanswered",
+                                      params={"item": 7, "command": 3, "tries": np.int64(3)})
+    listed = wait_for(lambda: [x for x in client.get("/api/state").json()["alarms"] if x["id"] == a.id], 5,
+                      "the alarm listed")[0]
+    assert listed["detail"] == "link_lost.unanswered" and listed["params"] == {"item": 7, "command": 3, "tries": 3}
+    assert client.post(f"/api/alarms/{a.id}/ack").status_code == 200
+    r = client.post(f"/api/alarms/{a.id}/ack")
+    assert r.status_code == 404 and r.json()["code"] == "alarm_gone" and r.json()["params"] == {"id": a.id}
+    assert "already" in r.json()["detail"]                      # the English text stays, for logs and old pages
+    for code in ("en", "ja"):
+        d = client.get(f"/api/i18n/{code}").json()
+        assert "{id}" in d["error.alarm_gone"]
+    r = client.post("/api/manual-next", json={"n": 0})
+    assert r.status_code == 422 and r.json()["code"] == "manual_n"
+
+
+def test_per_class_counts_and_language_neutral_live_view_labels(client: TestClient, running_station: Any) -> None:
+    from station.hmi.preview import SHORT_NAMES, short_name
+    from vision.taxonomy import load_taxonomy
+
+    s = wait_for(lambda: (lambda x: x if x["counters"]["decided"] >= 3 else None)(client.get("/api/state").json()),
+                 60, "three items decided")
+    classes = {c["class"]: c for c in s["classes"]}
+    assert set(running_station.detector.names) <= set(classes)
+    assert {k: c["count"] for k, c in classes.items() if c["count"]} == s["counters"]["per_class"]
+    assert classes["li_ion_cell"]["bin"] == running_station.cfg.rules.class_to_bin["li_ion_cell"]
+    en = json.loads((HMI_DIR / "i18n" / "en.json").read_text(encoding="utf-8"))
+    for name in load_taxonomy().names:
+        # every class: a name in the translation files, and an ASCII code (Hershey fonts) in the live view
+        assert f"class.{name}" in en and short_name(name).isascii() and len(short_name(name)) <= 6
+    assert len(set(SHORT_NAMES.values())) == len(SHORT_NAMES)   # codes the legend can tell apart
+    assert classes["board_high"]["short"] == "PCB-H"
+
+
+def test_low_confidence_rate_alarm_fires_on_the_running_line(running_station: Any, tmp_path: Path) -> None:
+    """The real path: the sorter sends uncertain items to manual, the HMI's monitor counts them in its
+    window and raises the alarm with the numbers the page shows."""
+    st = running_station
+    cfg = HmiConfig(port=0, push_interval_s=0.2, low_conf_window=10, low_conf_rate=0.5)
+    h = Hmi(st, cfg, audit_path=tmp_path / "audit.jsonl")
+    old = {k: getattr(st.cfg.rules, k) for k in ("min_confidence", "faint_min_confidence")}
+    for a in st.alarms.active():
+        if a.code == "low_confidence_rate":
+            st.alarms.acknowledge(a.id)
+    h.start_threads()
+    try:
+        st.apply_settings({"rules": {"min_confidence": 1.0, "faint_min_confidence": 1.0}})   # nothing is sure enough
+        c = TestClient(h.app)
+        alarm = wait_for(lambda: [a for a in c.get("/api/state").json()["alarms"] if a["code"] == "low_confidence_rate"],
+                         90, "the low-confidence-rate alarm")[0]
+    finally:
+        st.apply_settings({"rules": old})
+        h.stop_threads()
+    assert alarm["severity"] == "warning" and alarm["detail"] == "low_confidence_rate"
+    p = alarm["params"]
+    assert p["n"] == 10 and 5 <= p["low"] <= 10 and p["pct"] == round(p["low"] / 10 * 100)
+    assert f"{p['low']} of the last 10 items" in alarm["message"]
+    st.alarms.acknowledge(alarm["id"])
+
+
 def test_live_stream_and_preview_over_real_uvicorn(running_station: Any, tmp_path: Path) -> None:
     cfg = HmiConfig(port=0, preview_fps=5, preview_width=320, push_interval_s=0.2)
     srv = HmiServer(running_station, cfg, audit_path=tmp_path / "a.jsonl")
@@ -254,3 +365,17 @@ def test_busy_port_is_refused_with_a_message(running_station: Any, tmp_path: Pat
             HmiServer(running_station, HmiConfig(port=a.port), audit_path=tmp_path / "b.jsonl").start()
     finally:
         a.stop()
+
+
+def test_a_repeated_alarm_keeps_its_newest_detail_and_its_worst_severity() -> None:
+    from station.alarms import AlarmBoard
+
+    b = AlarmBoard(clock=lambda: 1.0)
+    b.raise_("diverter_fault", Severity.WARNING, "item 4: MCU refused command 9 (QUEUE_FULL)", item_id=4,
+             detail="diverter_fault.refused", params={"item": 4, "command": 9, "reason": "QUEUE_FULL"})
+    a = b.raise_("diverter_fault", Severity.FAULT, "MCU fault OVERCURRENT (3)",
+                 params={"fault": "OVERCURRENT", "info": np.int32(3)})
+    assert (a.count, a.severity, a.detail, a.params) == (2, Severity.FAULT, "diverter_fault",
+                                                          {"fault": "OVERCURRENT", "info": 3})
+    a = b.raise_("diverter_fault", Severity.WARNING, "item 5: MCU refused command 10 (QUEUE_FULL)")
+    assert a.severity == Severity.FAULT and a.detail == "diverter_fault" and a.params == {}

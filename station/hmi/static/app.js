@@ -25,6 +25,7 @@ async function loadLang(code) {
   document.querySelectorAll("#langs .btn").forEach((b) => b.setAttribute("aria-pressed", String(b.dataset.lang === code)));
   setConn(!$("conn").classList.contains("lost"));
   if (snap) render(snap);
+  if (typeof refreshLot === "function") refreshLot();   // lot.js: its badge and dialog in the new language
   if (!$("tech-panel").hidden) loadSettings();
   return true;
 }
@@ -75,6 +76,23 @@ function loadPreview(seq) {
 const SEV_ICONS = { fault: "✖", warning: "⚠", info: "i" };
 function binName(b) { return dict[`bin.${b.bin}`] ?? b.name; }
 function className(c) { return t(`class.${c}`) === `class.${c}` ? c : t(`class.${c}`); }
+// Values the server sends as codes (a class, a line state, an action) are shown in the page's language.
+const PARAM_KEYS = { class: (v) => className(v), state: (v) => t(`state.${v}`), action: (v) => t(`btn.${v}`) };
+function localParams(params) {
+  const out = {};
+  for (const [k, v] of Object.entries(params || {})) out[k] = v == null ? "?" : (PARAM_KEYS[k] ? PARAM_KEYS[k](v) : v);
+  return out;
+}
+// A template of this language filled with the server's parameters; null where the language has no such
+// template or a placeholder stays unfilled (then the caller shows the server's English text).
+function fromTemplate(key, params) {
+  if (dict[key] == null) return null;
+  const s = t(key, localParams(params));
+  return /\{[a-z_]+\}/.test(s) ? null : s;
+}
+function alarmDetail(a) {
+  return fromTemplate(`alarm_detail.${a.detail || a.code}`, { message: a.message, ...a.params }) ?? a.message;
+}
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text != null) e.textContent = text; return e; }
 
 // Lists with buttons in them are updated in place, keyed by entry: a node is rebuilt only when what it
@@ -114,6 +132,7 @@ function render(s) {
   $("kpi-missed").textContent = s.counters.missed;
   $("kpi-fps").textContent = s.fps.toFixed(0);
 
+  renderClasses(s);
   const bins = $("bins"); bins.replaceChildren();
   for (const b of s.bins) {
     const row = el("div", "bin"); row.dataset.bin = b.bin;
@@ -125,12 +144,13 @@ function render(s) {
   }
 
   $("alarm-count").textContent = s.alarms.length || "";
-  syncList($("alarms"), s.alarms, (a) => `a${a.id}`, (a) => [lang, a.severity, a.code, a.count, a.message], (a) => {
+  syncList($("alarms"), s.alarms, (a) => `a${a.id}`, (a) => [lang, a.severity, a.code, a.count, a.message, a.detail, a.params], (a) => {
     const li = el("li", `alarm sev-${a.severity}`); li.dataset.code = a.code; li.setAttribute("data-testid", `alarm-${a.code}`);
     const body = el("div");
     const title = el("div", "alarm-title", `${t(`severity.${a.severity}`)}: ${t(`alarm.${a.code}`)} `);
     if (a.count > 1) title.append(el("span", "pill", t("alarm.times", { n: a.count })));
-    body.append(title, el("div", "alarm-msg", a.message));
+    const msg = el("div", "alarm-msg", alarmDetail(a)); msg.title = a.message;
+    body.append(title, msg);
     const btn = el("button", "btn", t("btn.ack")); btn.setAttribute("data-testid", `ack-${a.id}`);
     btn.onclick = () => act(`/api/alarms/${a.id}/ack`);
     li.append(el("div", "alarm-icon", SEV_ICONS[a.severity] || "⚠"), body, btn);
@@ -169,6 +189,23 @@ function render(s) {
   if ($("dlg-shift").open) renderShift(s);
 }
 
+// per class, on the main screen: the live view's short code (its legend), the name in this language,
+// the count; the colour is the bin the class's rule sends it to
+function renderClasses(s) {
+  const box = $("classes"); if (!box) return;
+  const list = s.classes || [];
+  const sig = JSON.stringify([lang, list]);
+  if (box.dataset.sig === sig) return;
+  box.dataset.sig = sig; box.replaceChildren();
+  for (const c of list) {
+    const row = el("div", "cls"); row.setAttribute("data-testid", `class-count-${c.class}`);
+    row.style.borderLeftColor = c.bin == null ? "var(--line)" : `var(--b${c.bin % 5})`;
+    row.append(el("span", "cls-code", c.short), el("span", "cls-name", className(c.class)), el("span", "cls-count", c.count));
+    row.title = `${className(c.class)} (${c.short})`;
+    box.append(row);
+  }
+}
+
 function kvTable(obj, label) {
   const tb = el("table", "kv");
   for (const [k, v] of Object.entries(obj)) { const tr = el("tr"); tr.append(el("td", "", label(k)), el("td", "", v)); tb.append(tr); }
@@ -203,7 +240,11 @@ async function act(url, body, tech) {
   if (tech) headers["X-Kozan-Session"] = session;
   const r = await fetch(url, { method: "POST", headers, body: JSON.stringify(body ?? {}) });
   let data = null; try { data = await r.json(); } catch (e) { /* empty body */ }
-  if (!r.ok) { toast(t("error.generic", { msg: (data && (data.detail || data.error)) || r.status })); return null; }
+  if (!r.ok) {
+    const own = data && data.code ? fromTemplate(`error.${data.code}`, data.params) : null;
+    toast(own ?? t("error.generic", { msg: (data && (data.detail || data.error)) || r.status }));
+    return null;
+  }
   return data;
 }
 document.querySelectorAll(".controls .btn").forEach((b) => { b.onclick = () => act(`/api/line/${b.dataset.action}`); });
