@@ -81,24 +81,35 @@ def cmd_dedupe(a: argparse.Namespace) -> int:
 
 
 # ---- model ------------------------------------------------------------------------------------------
-def golden_metrics(onnx: Path, golden_yaml: Path) -> dict[str, Any]:
+def golden_metrics(onnx: Path, golden_yaml: Path, operating_conf: float | None = None) -> dict[str, Any]:
     """Per-class AP50 of a model on a golden set: the data.yaml's test split (its val split if none).
+
+    Also per-class recall (and precision, for the card) at `operating_conf` (the sorting rules'
+    `min_confidence`): the gate compares recall there too, since AP50 cannot see scores sinking below it.
 
     The project's own evaluation (`vision.evaluation`, onnxruntime only: promoting needs no torch)
     when it is there; otherwise ultralytics' validator on the ONNX file. Never a mAP of our own.
     """
     import yaml
 
+    from station.config import RulesConfig
+
+    if operating_conf is None:
+        operating_conf = RulesConfig().min_confidence
     split = "test" if yaml.safe_load(Path(golden_yaml).read_text()).get("test") else "val"
     try:
         from vision.evaluation import EvalConfig, evaluate
     except ImportError:
         evaluate = None
     if evaluate is not None:
-        r = evaluate(Path(onnx), Path(golden_yaml), EvalConfig(split=split, warmup=0))
+        r = evaluate(Path(onnx), Path(golden_yaml), EvalConfig(split=split, warmup=0, conf_threshold=operating_conf))
         per = {n: c["ap50"] for n, c in r["per_class"].items() if c.get("ap50") is not None}
+        tp = {n: round((c["recall"] or 0) * c["instances"]) for n, c in r["per_class"].items()}
         return {"per_class_ap50": per, "map50": r["map50"], "golden": f"{golden_yaml}:{split}",
-                "by": "vision.evaluation"}
+                "by": "vision.evaluation", "operating_conf": operating_conf,
+                "per_class_recall": {n: c["recall"] for n, c in r["per_class"].items()},
+                "per_class_precision": {n: c["precision"] for n, c in r["per_class"].items()},
+                "per_class_tp": tp}
     from vision.detector import model_card_meta
     from vision.training import REPO_ROOT as _R, _offline_ultralytics
 
@@ -180,7 +191,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def gate(reg: Any, version: str, golden: str | None, tolerance: float, budget_ms: float | None, config: str | None):
+def gate(reg: Any, version: str, golden: str | None, tolerance: float, budget_ms: float | None, config: str | None,
+         recall_tolerance: float = 0.05, min_items: int = 2):
     from station.config import load_config
     from vision.registry import check_promotion
     from vision.taxonomy import load_taxonomy
@@ -189,8 +201,10 @@ def gate(reg: Any, version: str, golden: str | None, tolerance: float, budget_ms
     budget = budget_ms if budget_ms is not None else 1000.0 / cfg.camera.fps
     rule_classes = sorted(n for n, b in cfg.rules.class_to_bin.items() if b != 0)
     fp = golden_fingerprint(Path(golden)) if golden else None
+    conf = cfg.rules.min_confidence           # where the sorter acts: the gate compares recall there too
     return check_promotion(reg, version, rule_classes, tuple(load_taxonomy().names), fp, tolerance, budget,
-                           evaluate=(lambda p: golden_metrics(p, Path(golden))) if golden else None)
+                           evaluate=(lambda p: golden_metrics(p, Path(golden), conf)) if golden else None,
+                           operating_conf=conf, recall_tolerance=recall_tolerance, min_items=min_items)
 
 
 def cmd_promote(a: argparse.Namespace) -> int:
@@ -199,7 +213,8 @@ def cmd_promote(a: argparse.Namespace) -> int:
         reg.set_active(a.version, f"forced: {a.force}")
         print(f"{a.version} is active (gate skipped: {a.force})")
         return 0
-    res = gate(reg, a.version, a.golden, a.ap50_tolerance, a.latency_budget_ms, a.config)
+    res = gate(reg, a.version, a.golden, a.ap50_tolerance, a.latency_budget_ms, a.config, a.recall_tolerance,
+               a.min_items)
     if not res.ok:
         print(res.explain(), file=sys.stderr)
         return 3
@@ -317,6 +332,10 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("version")
     s.add_argument("--golden", default=None, help="golden data.yaml (val or test list) both models are judged on")
     s.add_argument("--ap50-tolerance", type=float, default=0.02, help="largest per-class AP50 loss allowed")
+    s.add_argument("--recall-tolerance", type=float, default=0.05,
+                   help="largest per-class recall loss allowed at the rules' min_confidence")
+    s.add_argument("--min-items", type=int, default=2,
+                   help="a recall loss counts only if it is at least this many golden-set items")
     s.add_argument("--latency-budget-ms", type=float, default=None,
                    help="median inference time allowed (default: one camera frame period)")
     s.add_argument("--config", "-c", default=None, help="station YAML whose sorting rules the classes must fit")

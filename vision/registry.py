@@ -15,7 +15,9 @@ it means "the registry's active version"; any other path is taken literally.
 
 The gate (`check_promotion`) refuses a candidate, saying exactly why, when it does not load or has
 no fixed input, names classes the sorting rules do not know (or lacks classes they sort on), loses
-more than a tolerance of AP50 on any class of the golden set against the active model, or is slower
+more than a tolerance of AP50 on any class of the golden set against the active model, loses
+per-class recall at the sorting threshold (rules.min_confidence: what the sorter acts on, which
+AP50 cannot see) by more than a tolerance and at least a couple of items, or is slower
 than the latency budget. onnxruntime is all this module needs; golden-set metrics come from an
 evaluator (ultralytics, in the training path) and are kept in the cards.
 """
@@ -281,6 +283,71 @@ def measure_latency_ms(path: Path, runs: int = 15, threads: int = 2) -> float:
 
 
 # ---- the gate -------------------------------------------------------------------------------------
+def _golden_metrics(reg: "Registry", version: str | None, path: Path, fingerprint: str,
+                    evaluate: Callable[[Path], dict[str, Any]] | None, operating_conf: float | None) -> dict | None:
+    """A version's metrics on the golden set: from its card, else evaluated now (and carded).
+
+    Cached metrics taken at another operating threshold (or before the gate compared one) are
+    evaluated again rather than compared across thresholds.
+    """
+    card = reg.card(version) if version else {}
+    m = card.get("golden", {}).get(fingerprint)
+    stale = m is not None and operating_conf is not None and m.get("operating_conf") != operating_conf
+    if (m is None or stale) and evaluate is not None and path.exists():
+        m = evaluate(path)
+        if card:
+            reg.record_metrics(version, fingerprint, m)
+    return m
+
+
+def _side_by_side(cand: dict[str, float | None], active: dict[str, float | None]) -> dict[str, dict]:
+    return {cls: {"candidate": cand.get(cls), "active": a} for cls, a in sorted(active.items())}
+
+
+def _regressions(cand: dict[str, float | None], active: dict[str, float | None], what: str,
+                 tolerance: float) -> list[str]:
+    """Each class the candidate is worse on than the active model by more than `tolerance`."""
+    worse = []
+    for cls, a in sorted(active.items()):
+        if a is None:             # no instance of the class in the golden set: nothing to compare
+            continue
+        c = cand.get(cls)
+        if c is None:
+            worse.append(f"{cls} (no {what} for it; active {a:.3f})")
+        elif c < a - tolerance:
+            worse.append(f"{cls} {what} {c:.3f} < active {a:.3f} - tolerance {tolerance:.3f}")
+    return worse
+
+
+def _operating_point(cm: dict, am: dict, conf: float, tolerance: float, min_items: int,
+                     details: dict) -> list[str]:
+    """Refusals for per-class recall lost at the sorting threshold (none: it may pass).
+
+    Recall only: precision is already in AP50 over the whole ranking, and a single-frame false
+    detection at the threshold rarely becomes a sorted item (a track needs several views), so
+    precision at one threshold on a few frames judges sorting worse than AP50 does. A golden set
+    cut from a line's captures holds a handful of each class, where one item moves a class's recall
+    by 0.1–0.3: a loss counts only when it is beyond `tolerance` and at least `min_items` items.
+    """
+    if "per_class_recall" not in cm or "per_class_recall" not in am:
+        return [f"no per-class recall at the sorting threshold {conf} on the golden set "
+                "(evaluate with vision.evaluation)"]
+    c, a = cm["per_class_recall"], am["per_class_recall"]
+    details[f"per_class_recall@{conf}"] = _side_by_side(c, a)
+    worse = []
+    for line in _regressions(c, a, "recall", tolerance):
+        cls = line.split(" ", 1)[0]
+        nc, na = cm.get("per_class_tp", {}).get(cls), am.get("per_class_tp", {}).get(cls)
+        lost = None if nc is None or na is None else na - nc
+        if lost is not None and lost < min_items:
+            continue              # within what one item does to a handful: not a regression
+        worse.append(line + ("" if lost is None else f" ({lost} item{'s' if lost != 1 else ''} fewer)"))
+    if worse:
+        return [f"per-class recall at the sorting threshold {conf} fell on the golden set: " + "; ".join(worse)]
+    return []
+
+
+
 @dataclass
 class GateResult:
     version: str
@@ -297,8 +364,16 @@ class GateResult:
 def check_promotion(reg: Registry, version: str, sorting_classes: list[str], taxonomy_names: tuple[str, ...],
                     golden_fingerprint: str | None, ap50_tolerance: float, latency_budget_ms: float,
                     evaluate: Callable[[Path], dict[str, Any]] | None = None,
-                    latency: Callable[[Path], float] = measure_latency_ms) -> GateResult:
-    """Every reason `version` may not replace the active model (an empty list: it may)."""
+                    latency: Callable[[Path], float] = measure_latency_ms,
+                    operating_conf: float | None = None, recall_tolerance: float = 0.05,
+                    min_items: int = 2) -> GateResult:
+    """Every reason `version` may not replace the active model (an empty list: it may).
+
+    AP50 integrates over every confidence, so it cannot see a model whose scores sink below the
+    threshold the sorter acts on: such a model ranks its boxes as well as before (same AP50) and
+    sends the items to manual. With `operating_conf` (the rules' `min_confidence`) the gate also
+    compares per-class recall at that threshold on the golden set — what sorting sees.
+    """
     from vision.detector import ModelError, model_card_meta
 
     refusals: list[str] = []
@@ -327,15 +402,8 @@ def check_promotion(reg: Registry, version: str, sorting_classes: list[str], tax
     if golden_fingerprint is None:
         refusals.append("no golden set given (--golden data.yaml): per-class AP50 cannot be compared")
     else:
-        got = {}
-        for v, path in ((version, cand.onnx), (active_v, active_path)):
-            card = reg.card(v) if v else {}
-            m = card.get("golden", {}).get(golden_fingerprint)
-            if m is None and evaluate is not None and path.exists():
-                m = evaluate(path)
-                if card:
-                    reg.record_metrics(v, golden_fingerprint, m)
-            got[v] = m
+        got = {v: _golden_metrics(reg, v, path, golden_fingerprint, evaluate, operating_conf)
+               for v, path in ((version, cand.onnx), (active_v, active_path))}
         cm, am = got.get(version), got.get(active_v)
         if cm is None:
             refusals.append(f"{version} has no metrics on golden set {golden_fingerprint}: evaluate it first")
@@ -343,17 +411,12 @@ def check_promotion(reg: Registry, version: str, sorting_classes: list[str], tax
             refusals.append(f"the active model {active_v} has no metrics on golden set {golden_fingerprint}")
         if cm is not None and am is not None:
             details["map50"] = {"candidate": cm.get("map50"), "active": am.get("map50")}
-            worse = []
-            for cls, a in sorted(am["per_class_ap50"].items()):
-                c = cm["per_class_ap50"].get(cls)
-                if c is None:
-                    worse.append(f"{cls} (no AP50 for it; active {a:.3f})")
-                elif c < a - ap50_tolerance:
-                    worse.append(f"{cls} AP50 {c:.3f} < active {a:.3f} - tolerance {ap50_tolerance:.3f}")
+            worse = _regressions(cm["per_class_ap50"], am["per_class_ap50"], "AP50", ap50_tolerance)
             if worse:
                 refusals.append("per-class AP50 regression on the golden set: " + "; ".join(worse))
-            details["per_class_ap50"] = {cls: {"candidate": cm["per_class_ap50"].get(cls), "active": a}
-                                         for cls, a in sorted(am["per_class_ap50"].items())}
+            details["per_class_ap50"] = _side_by_side(cm["per_class_ap50"], am["per_class_ap50"])
+            if operating_conf is not None:
+                refusals += _operating_point(cm, am, operating_conf, recall_tolerance, min_items, details)
     ms = latency(cand.onnx)
     details["latency_ms"] = round(ms, 2)
     if ms > latency_budget_ms:

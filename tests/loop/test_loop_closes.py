@@ -1,30 +1,26 @@
 """The loop, end to end: line → capture → labels → fine-tune → gate → hot-swap → the line again.
 
 At CI scale, on the simulated line in virtual time:
-  1. the station runs the shipped model on a stream of items under one station's look and
-     captures what the model was unsure of (and a random sample);
+  1. the station runs a deliberately weak model on a stream of items under one station's look
+     and captures what the model was unsure of, what went to manual, and a random sample;
   2. a labeller corrects the pre-labels — here from the simulator's ground truth, through the
      same CVAT export/import a person would use;
-  3. the station's model is fine-tuned briefly on the corrected frames (ultralytics): backbone
-     frozen, no mosaic (it shrinks a line frame's small cells further), one optimiser step per
-     batch (ultralytics would otherwise accumulate to 64 images: one step an epoch on this data);
+  3. the corrected frames, with an equal share of rendered scenes like those the model learned
+     from (`kozan dataset merge --synth-fraction 0.5`: a handful of line frames alone teach the
+     model to forget what they show too rarely), fine-tune the model briefly (ultralytics):
+     backbone frozen, no mosaic, one optimiser step per batch;
   4. the result is exported, carded in a registry, and promoted through the gate (golden set:
-     held-out captured frames, per-class AP50 against the active model);
+     held-out captured frames; per-class AP50, and per-class recall and precision at the rules'
+     `min_confidence`, against the active model);
   5. a new stream of items (never seen in training) runs twice under the same look: once with
-     the old model, once hot-swapping to the promoted model in the background as the run starts.
-Purity and recovery of both runs are printed. What the test can hold at CI scale is in the test's
-docstring: the improvement itself is measured (docs/loop.md), not yet guaranteed.
+     the weak model, once hot-swapping to the promoted model in the background as the run starts.
 
-The station starts on det-v1, the first shipped version (kept in the registry as the active
-model's ancestor): it was trained only on randomised synthetic scenes, and on this line's look it
-recovers about half the items it should. That domain gap is exactly what a station's own frames
-close, so the test needs no artificial handicap. (det-v3 and det-v4 already saw line-look scenes
-in training and sort this look's 40 items perfectly: nothing would be left to show.) Measured
-while tuning this recipe (150 items collected): a 6-epoch fine-tune with default accumulation left the
-model unchanged; mosaic at lr0 0.01 promoted a model that sorted worse (recovery 0.55 -> 0.45);
-frozen backbone + no mosaic, 15 epochs: recovery 0.55 -> 0.82 (each of these runs captured a
-different draw of frames; see the test's docstring for how much that matters). Run
-`python -m tests.loop.test_loop_closes --items 300 --epochs 25 --eval-items 100` for
+The weak model is the shipped det-v4 with its Li-ion pack scores pushed down (a logit shift on
+that class in the detection head): a station whose line shows packs unlike anything trained on.
+It still finds the packs but is unsure of them, so they go to the manual path — safe, but lost.
+The shipped models themselves sort this look's items almost perfectly, so they leave nothing for
+the loop to show; the first shipped model (det-v1) is weak everywhere and a few dozen frames do
+not fix it (docs/loop.md has those runs). Run `python -m tests.loop.test_loop_closes --help` for
 a larger experiment than CI's.
 """
 from __future__ import annotations
@@ -43,6 +39,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 LOOK = 3          # one station's camera look (belt, light, lens), the same in every run
 COLLECT_SEED, EVAL_SEED = 101, 202
+WEAKEN = ("li_ion_pack", -4.0)   # the deliberately weak model: det-v4, unsure of Li-ion packs on this line
 
 
 def label_from_truth(exported_zip: Path, collected: Path, out_zip: Path) -> int:
@@ -66,6 +63,33 @@ def label_from_truth(exported_zip: Path, collected: Path, out_zip: Path) -> int:
                 n += 1
             zout.writestr(f, data)
     return n
+
+
+def weaken_class(base_pt: Path, out_onnx: Path, class_name: str, logit_shift: float) -> Path:
+    """The deliberately weak model: a good one whose scores for one class sit below the sorting threshold.
+
+    It stands for a station whose line shows a class differently from anything trained on (another
+    supplier's battery packs, another light): the model still finds the items but is unsure of them,
+    so they go to the manual path. Built by adding `logit_shift` to that class's score bias in every
+    output scale of the detection head, then exported the project's way (same input, metadata).
+    """
+    import torch
+
+    from vision.detector import model_card_meta
+    from vision.taxonomy import load_taxonomy
+    from vision.training import export_onnx
+
+    ckpt = torch.load(base_pt, map_location="cpu", weights_only=False)
+    model = ckpt["model"]
+    k = list(load_taxonomy().names).index(class_name)
+    with torch.no_grad():
+        for branch in model.model[-1].cv3:          # Detect head: one class branch per output scale
+            branch[-1].bias[k] += logit_shift
+    ckpt.update(model=model, ema=None)               # fine-tuning resumes from `model`, not an old EMA
+    out_onnx.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, out_onnx.with_suffix(".pt"))
+    hw = tuple(model_card_meta(base_pt.with_suffix(".onnx"))["input_hw"])
+    return export_onnx(out_onnx.with_suffix(".pt"), out_onnx, hw, out_onnx.stem, f"weakened-{class_name}")
 
 
 class BackgroundSwap:
@@ -92,7 +116,8 @@ class BackgroundSwap:
 
 
 def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, tolerance: float = 0.10,
-                   start_from: str = "det-v1", lr0: float = 0.001, freeze: int = 10, log=print) -> dict[str, Any]:
+                   start_from: str = "det-v4", weaken: tuple[str, float] | None = WEAKEN, lr0: float = 0.001,
+                   freeze: int = 10, synth_n: int = 0, synth_fraction: float = 0.5, log=print) -> dict[str, Any]:
     from station.cli_loop import golden_fingerprint, golden_metrics
     from station.config import StationConfig
     from station.simrun import run_fast
@@ -110,8 +135,12 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
 
     models = work / "models"
     models.mkdir(parents=True)
-    shipped = Registry(REPO / "models").entry(start_from).onnx      # laid out as a station's first
-    for ext in (".onnx", ".pt"):                                    # install: a lone active.onnx
+    shipped = Registry(REPO / "models").entry(start_from).onnx
+    if weaken:
+        t0 = time.perf_counter()
+        shipped = weaken_class(shipped.with_suffix(".pt"), work / "weak" / f"{start_from}-weak.onnx", *weaken)
+        lap("weak model", t0)
+    for ext in (".onnx", ".pt"):           # laid out as a station's first install: a lone active.onnx
         shutil.copy2(shipped.with_suffix(ext), models / f"active{ext}")
     reg = Registry(models)
     base = reg.active_version()
@@ -146,7 +175,15 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
     #    is the golden set (CI scale: a dozen frames, hence the gate's wider AP50 tolerance below)
     split = dt.split(collected, val=0.2, test=0.25, seed=0, only_human=True)
     golden = collected / "data.yaml"
-    merged = dt.merge([collected], work / "train-set")
+    sources = [collected]
+    if synth_n:
+        # a share of rendered scenes like those the model learned from, so the fine-tune does
+        # not forget what the few captured frames show too rarely (`kozan dataset merge`)
+        from vision.datasets import write_synth_dataset
+
+        write_synth_dataset(work / "synth", synth_n, seed=COLLECT_SEED, val_fraction=0.0, workers=1)
+        sources.append(work / "synth")
+    merged = dt.merge(sources, work / "train-set", synth_fraction=synth_fraction if synth_n else None)
     lap("label + split", t0)
 
     # 4. fine-tune the active model's weights briefly, export, card
@@ -166,8 +203,10 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
     # 5. the gate, then promotion
     t0 = time.perf_counter()
     rules = sorted(n for n, b in cfg.rules.class_to_bin.items() if b != 0)
+    conf = cfg.rules.min_confidence
     gate = check_promotion(reg, cand, rules, tuple(load_taxonomy().names), golden_fingerprint(golden), tolerance,
-                           latency_budget_ms=1000.0, evaluate=lambda p: golden_metrics(p, golden))
+                           latency_budget_ms=1000.0, evaluate=lambda p: golden_metrics(p, golden, conf),
+                           operating_conf=conf, recall_tolerance=tolerance)
     log(gate.explain())
     lap("gate", t0)
     if gate.ok:
@@ -196,13 +235,15 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
         "after": {k: after[k] for k in ("purity", "recovery", "items", "missed")},
         "per_bin_before": {b: (v["purity"], v["recovery"]) for b, v in before["per_bin"].items()},
         "per_bin_after": {b: (v["purity"], v["recovery"]) for b, v in after["per_bin"].items()},
+        "per_class_before": before["per_class"], "per_class_after": after["per_class"],
         "capture": {**cap, "line_s": rep_c["line_s"], "frames_per_line_hour": round(cap["written"] / line_h),
                     "mb_per_line_hour": round(disk_mb / line_h, 1), "per_reason": stats["per_reason"],
                     "duplicates_removed": dedup["duplicates"]},
         "capture_default_settings": {**bc, "line_s": before["line_s"],
                                      "frames_per_line_hour": round(bc["written"] / (before["line_s"] / 3600)),
                                      "mb_per_line_hour": round(default_mb / (before["line_s"] / 3600), 1)},
-        "data": {"split": split, "train": merged["n_train"], "val": merged["n_val"]},
+        "data": {"split": split, "train": merged["n_train"], "val": merged["n_val"],
+                 "synthetic_train": merged["synthetic_train"]},
         "hot_swap": {**swap.rec, "switched_at_frame": sw and sw["frame"],
                      "tracks_in_flight": sw and sw["tracks_in_flight"],
                      "frames_rendered": after["frames_rendered"], "frames_processed": after["frames"],
@@ -213,52 +254,62 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
     return out
 
 
+# CI scale: what one run of the test costs on 2 cores (docs/loop.md has the timings)
+N_COLLECT, N_EVAL, EPOCHS, SYNTH_N = 200, 60, 15, 80
+
+
+def _to_bin(per_class: dict, cls: str, b: str) -> int:
+    return per_class.get(cls, {}).get("bins", {}).get(b, 0)
+
+
 @pytest.mark.slow
-def test_the_loop_runs_end_to_end_through_the_gate_and_a_hot_swap(tmp_path):
-    """Every step of the loop, for real, and each branch of the gate held to what it must do.
+def test_the_loop_closes_weak_model_to_better_line(tmp_path):
+    """Every step of the loop, for real, and the line better at the end — with the numbers printed.
 
-    What the test holds: a promoted model reaches the running line by a hot-swap that misses no
-    frame, and on this run's 40 new items the line is no worse (within an item or two); a refused
-    model leaves the line as it was, refused for golden-set AP only.
-
-    What it does NOT prove: that the loop improves the line at CI scale. With this recipe (lr0 0.001,
-    backbone frozen) the fine-tune is promoted (golden mAP50 0.736 -> 0.748) and sorts these 40 items
-    better (purity 0.92 -> 0.96, recovery 0.605 -> 0.632), but 100 new items worse (purity 0.951 ->
-    0.892, recovery 0.630 both): golden-set AP50 on ~36 frames does not judge sorting. At lr0 0.005
-    the gate refused it (every class's AP50 fell). docs/loop.md has the runs.
+    The weak model sends the Li-ion packs it is unsure of to manual; those items are captured, the
+    labeller corrects them, the fine-tune learns them, the gate promotes the result because it
+    finds packs at the sorting threshold again (AP50 alone barely moves: the weak model ranks its
+    boxes as well as before), and the hot-swapped model sorts new items better, missing no frame.
     """
     pytest.importorskip("ultralytics", reason="the loop test fine-tunes: it needs the 'train' extra (make test installs it)")
-    r = close_the_loop(tmp_path, n_collect=150, n_eval=40, epochs=15)
+    r = close_the_loop(tmp_path, n_collect=N_COLLECT, n_eval=N_EVAL, epochs=EPOCHS, synth_n=SYNTH_N)
+    pack_gate = r["gate"].get("per_class_recall@0.4", {}).get("li_ion_pack")
     print(f"\npromoted: {r['promoted']} {r['refusals']}\nbefore: purity {r['before']['purity']} recovery "
           f"{r['before']['recovery']}   after: purity {r['after']['purity']} recovery {r['after']['recovery']}   "
-          f"(items {r['after']['items']}; hot-swap {r['hot_swap']})")
+          f"(items {r['after']['items']}; packs recall@0.4 on the golden set {pack_gate}; hot-swap {r['hot_swap']})")
     cap = r["capture"]
-    assert cap["written"] >= 50 and cap["failed"] == 0 and cap["stopped"] is None
-    assert r["data"]["train"] >= 30 and r["data"]["split"]["test"] >= 10
-    # the hot-swap in the second run (to the promoted model, or to the same active one) misses no frame
+    assert cap["written"] >= 60 and cap["failed"] == 0 and cap["stopped"] is None
+    # the weak model's doubts are what capture went for: items it sent to manual or scored low
+    assert cap["per_reason"].get("manual", 0) + cap["per_reason"].get("low_confidence", 0) >= 10, cap["per_reason"]
+    assert r["data"]["train"] >= 60 and r["data"]["synthetic_train"] > 0 and r["data"]["split"]["test"] >= 15
+    # the gate promoted it, and saw why: packs found at the sorting threshold on the golden set
+    assert r["promoted"], r["refusals"]
+    assert pack_gate["candidate"] >= pack_gate["active"] + 0.3, pack_gate
+    # the line: new items, same look — packs reach bin 1 now, recovery up, purity not down
+    pb, pa = r["per_class_before"], r["per_class_after"]
+    assert _to_bin(pa, "li_ion_pack", "1") > _to_bin(pb, "li_ion_pack", "1"), (pb.get("li_ion_pack"), pa.get("li_ion_pack"))
+    assert r["after"]["recovery"] >= r["before"]["recovery"] + 0.05
+    assert r["after"]["purity"] >= r["before"]["purity"] - 0.02
+    # the promoted model reached the running line by a hot-swap that missed no frame
     assert r["hot_swap"]["frames_missed"] == 0 and r["hot_swap"]["switched_at_frame"] is not None
-    if r["promoted"]:
-        # on ~38 items one item moves a figure by ~0.03
-        assert r["after"]["recovery"] >= r["before"]["recovery"] - 0.03
-        assert r["after"]["purity"] >= r["before"]["purity"] - 0.05
-    else:
-        # refused for quality on the golden set (not for a broken file or classes), and the line kept its model
-        assert r["refusals"] and all(x.startswith("per-class AP50 regression on the golden set")
-                                      for x in r["refusals"]), r["refusals"]
-        assert r["after"] == r["before"]
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", type=int, default=150)
-    ap.add_argument("--eval-items", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--items", type=int, default=N_COLLECT)
+    ap.add_argument("--eval-items", type=int, default=N_EVAL)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--work", default=None)
-    ap.add_argument("--start-from", default="det-v1", help="registry version the station runs first")
+    ap.add_argument("--start-from", default="det-v4", help="registry version the weak model is made from")
     ap.add_argument("--lr0", type=float, default=0.001)
     ap.add_argument("--freeze", type=int, default=10, help="layers kept as they are (10: the backbone; 0: none)")
+    ap.add_argument("--synth", type=int, default=SYNTH_N, help="rendered scenes to mix into the fine-tune set")
+    ap.add_argument("--weaken", default=f"{WEAKEN[0]}:{WEAKEN[1]}",
+                    help="CLASS:LOGIT_SHIFT applied to --start-from ('' for none)")
     a = ap.parse_args()
     import tempfile
 
     work = Path(a.work or tempfile.mkdtemp(prefix="kozan-loop-"))
-    close_the_loop(work, a.items, a.eval_items, a.epochs, start_from=a.start_from, lr0=a.lr0, freeze=a.freeze)
+    weaken = (a.weaken.split(":")[0], float(a.weaken.split(":")[1])) if a.weaken else None
+    close_the_loop(work, a.items, a.eval_items, a.epochs, start_from=a.start_from, weaken=weaken, lr0=a.lr0,
+                   freeze=a.freeze, synth_n=a.synth)

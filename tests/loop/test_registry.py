@@ -118,6 +118,71 @@ def test_gate_evaluates_when_metrics_are_missing_and_records_them(reg, tmp_path)
     assert reg.card("det-v2")["golden"]["gold1"]["map50"] == pytest.approx(0.9)
 
 
+def _at(conf: float, recall: dict, ap: float = 0.8) -> dict:
+    m = _metrics(ap)
+    m.update(operating_conf=conf, per_class_recall={n: recall.get(n, 0.9) for n in NAMES})
+    return m
+
+
+def test_gate_sees_scores_sinking_below_the_sorting_threshold_that_ap50_misses(reg, tmp_path):
+    """Same AP50 everywhere, but li_ion_pack found at conf >= 0.4 far less often: sorting would send
+    those packs to manual. The gate names the class and both figures; a gain passes."""
+    reg.register(tiny_onnx(tmp_path / "det-v2.onnx", version="det-v2"))
+    reg.register(tiny_onnx(tmp_path / "det-v3.onnx", version="det-v3"))
+    reg.set_active("det-v1", "baseline")
+    reg.record_metrics("det-v1", "gold1", _at(0.4, {"li_ion_pack": 0.8}))
+    reg.record_metrics("det-v2", "gold1", _at(0.4, {"li_ion_pack": 0.3}))
+    res = _gate(reg, "det-v2", operating_conf=0.4)
+    assert _gate(reg, "det-v2").ok                 # what AP50 alone says
+    assert not res.ok and len(res.refusals) == 1, res.explain()
+    assert ("per-class recall at the sorting threshold 0.4 fell on the golden set: "
+            "li_ion_pack recall 0.300 < active 0.800 - tolerance 0.050") in res.explain()
+    assert res.details["per_class_recall@0.4"]["li_ion_pack"] == {"candidate": 0.3, "active": 0.8}
+    reg.record_metrics("det-v3", "gold1", _at(0.4, {"li_ion_pack": 0.95}))
+    assert _gate(reg, "det-v3", operating_conf=0.4).ok
+
+
+def test_gate_counts_items_not_only_rates_on_a_small_golden_set(reg, tmp_path):
+    """Five nimh cells in the golden set: one fewer found at the threshold is recall 1.0 -> 0.8, which is
+    noise at that size; three fewer is a regression, named with its count."""
+    reg.register(tiny_onnx(tmp_path / "det-v2.onnx", version="det-v2"))
+    reg.register(tiny_onnx(tmp_path / "det-v3.onnx", version="det-v3"))
+    reg.set_active("det-v1", "baseline")
+    active = _at(0.4, {"nimh": 1.0})
+    active["per_class_tp"] = {"nimh": 5}
+    one_fewer = _at(0.4, {"nimh": 0.8})
+    one_fewer["per_class_tp"] = {"nimh": 4}
+    three_fewer = _at(0.4, {"nimh": 0.4})
+    three_fewer["per_class_tp"] = {"nimh": 2}
+    reg.record_metrics("det-v1", "gold1", active)
+    reg.record_metrics("det-v2", "gold1", one_fewer)
+    reg.record_metrics("det-v3", "gold1", three_fewer)
+    assert _gate(reg, "det-v2", operating_conf=0.4).ok
+    assert not _gate(reg, "det-v2", operating_conf=0.4, min_items=1).ok
+    res = _gate(reg, "det-v3", operating_conf=0.4)
+    assert not res.ok and "nimh recall 0.400 < active 1.000 - tolerance 0.050 (3 items fewer)" in res.explain()
+
+
+def test_gate_evaluates_again_when_cached_metrics_were_taken_at_another_threshold(reg, tmp_path):
+    reg.register(tiny_onnx(tmp_path / "det-v2.onnx", version="det-v2"))
+    reg.set_active("det-v1", "baseline")
+    reg.record_metrics("det-v1", "gold1", _metrics(0.8))            # AP50 only, from before the check
+    reg.record_metrics("det-v2", "gold1", _at(0.25, {}))             # another threshold
+    seen = []
+
+    def evaluate(p):
+        seen.append(p.name)
+        return _at(0.4, {})
+
+    assert _gate(reg, "det-v2", operating_conf=0.4, evaluate=evaluate).ok
+    assert sorted(seen) == ["det-v1.onnx", "det-v2.onnx"]
+    assert reg.card("det-v1")["golden"]["gold1"]["operating_conf"] == 0.4
+    # without an evaluator, metrics lacking the threshold are a refusal, not a silent pass
+    reg.record_metrics("det-v1", "gold1", _metrics(0.8))
+    res = _gate(reg, "det-v2", operating_conf=0.4)
+    assert not res.ok and "no per-class recall at the sorting threshold 0.4" in res.explain()
+
+
 # ---- what a running station accepts (the hot-swap validation) --------------------------------------
 def test_station_loader_refuses_corrupt_dynamic_and_foreign_models(tmp_path):
     bad = tmp_path / "bad.onnx"
