@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from calibration.record import find_problems
-from calibration.solve import DiverterRun, Result, calibrate_camera, fit_belt, fit_diverters, fit_encoder, target_origin_mm
+from calibration.solve import Result, calibrate_camera, fit_belt, fit_diverters, fit_encoder, target_origin_mm
 from calibration.store import CalibrationError, CalibrationStore
 from calibration.targets import TargetDetector, TargetSpec, write_pdf, write_png
 
@@ -258,45 +258,54 @@ def cmd_encoder(a: argparse.Namespace) -> int:
 
 
 def cmd_diverters(a: argparse.Namespace) -> int:
+    from calibration.diverters import LiveGateRig, SimGateRig, default_wiring, measure_diverters, parse_wiring
+
     cfg = _cfg(a)
     cal, geom = _geometry_for_tools(cfg)
     if cal.encoder is None:
         _say("warning: no encoder calibration — using the configured line.mm_per_count")
     spec = TargetSpec(4, 3, 25.0, 18.0, a.dictionary)      # the puck: a small target
     det = TargetDetector(spec)
-    if cfg.camera.source != "sim" or cfg.link.port != "sim":
-        raise CalibrationError("diverter calibration needs a light gate at each diverter and a sensor on each "
-                               "actuator, reported by the MCU with their encoder counts, which the serial protocol "
-                               "does not carry yet; it runs on the simulated line only (camera.source=sim, "
-                               "link.port=sim). Meanwhile measure each diverter's position and latency by hand and "
-                               "set diverters[].position_mm and latency_ms in the station YAML "
-                               "(docs/CALIBRATION.md)")
-    from station.simline.calib_scene import SimDiverterRig
-
-    _say(f"Diverter calibration: a puck rides the belt through the camera view and each diverter's light gate "
-         f"({a.repeats} passes per diverter), then each diverter is fired {a.repeats} times against its gate.")
-    rig = SimDiverterRig(cfg, spec, seed=a.seed)
-    runs = []
+    sim_cam, sim_link = cfg.camera.source == "sim", cfg.link.port == "sim"
+    if sim_cam != sim_link:
+        raise CalibrationError(
+            "diverter calibration needs the station's own camera and MCU together: the camera sees the puck, "
+            "the light gate at each diverter and the sensor on each actuator are wired to the MCU, which reports "
+            "their edges over the serial protocol (InputEdge, firmware_bridge/PROTOCOL.md §6b). Set camera.source "
+            "and link.port both to the real devices (or both to sim for the simulated line); without gates, "
+            "measure by hand and set diverters[].position_mm and latency_ms in the station YAML "
+            "(docs/CALIBRATION.md)")
+    enabled = {d.id: d for d in cfg.diverters if d.enabled}
+    ids = a.diverter or list(enabled)
+    unknown = [d for d in ids if d not in enabled]
+    if unknown:
+        raise CalibrationError(f"diverter(s) {unknown} are not enabled in the configuration (enabled: {sorted(enabled)})")
+    wiring = {d: default_wiring(d) for d in ids}
+    wiring.update({d: w for d, w in parse_wiring(a.inputs).items() if d in wiring})
+    ids = sorted(ids, key=lambda d: -enabled[d].position_mm)   # most downstream first: see measure_diverters
+    _say(f"Diverter calibration: a puck (4×3 ChArUco, 25 mm squares) rides the belt through the camera view and "
+         f"each diverter's light gate ({a.repeats} passes per diverter), then each diverter is fired {a.repeats} "
+         "times; the MCU stamps the gate's and the actuator sensor's edges with its encoder count and clock.")
+    _say("inputs: " + ", ".join(f"diverter {d}: gate {wiring[d].gate}, actuator sensor {wiring[d].sensor}"
+                                 for d in ids))
+    if sim_cam:
+        rig = SimGateRig(cfg, spec, {d: default_wiring(d) for d in enabled}, seed=a.seed)   # wired by convention
+        source = "simulated line (serial link, gate inputs)"
+    else:
+        _say("Print the puck with `kozan calibrate target --squares-x 4 --squares-y 3 --square-mm 25 --marker-mm "
+             "18`. The belt is started by the tool; keep clear of the diverters — they will fire.")
+        rig = LiveGateRig(cfg, _say)
+        source = f"live camera {cfg.camera.source}, MCU {cfg.link.port}"
     try:
-        ids = a.diverter or rig.diverter_ids
-        for d in ids:
-            for k in range(a.repeats):
-                frames, gate = rig.puck_pass(d)
-                us = []
-                for img, c in frames:
-                    dd = det.detect(img)
-                    if dd is not None and len(dd) >= 4:
-                        us.append(target_origin_mm(dd, geom)[0] - geom.travel_mm(c))
-                if len(us) < 3:
-                    raise CalibrationError(f"diverter {d}: the camera saw the puck in only {len(us)} frames")
-                fo = rig.fire_and_observe(d)
-                runs.append(DiverterRun(d, float(np.median(us)) + spec.size_mm[0] / 2, gate, fo.fired_count,
-                                        fo.action_count, fo.counts_per_s))
-                _progress(k + 1, a.repeats, f"diverter {d}: repeat")
-            sys.stderr.write("\n")
+        runs = measure_diverters(rig, ids, a.repeats, wiring, det, geom, spec.size_mm[0],
+                                 progress=lambda i, n, what: _progress(i, n, what))
     finally:
+        sys.stderr.write("\n")
         rig.close()
-    res = fit_diverters(runs, geom.mm_per_count, cfg.line.decision_line_mm, "simulated line")
+    res = fit_diverters(runs, geom.mm_per_count, cfg.line.decision_line_mm, source,
+                        method="puck through the camera view + the MCU-stamped light gate at each diverter "
+                               "(position); fire_now + the MCU-stamped actuator sensor (latency = sensor edge - "
+                               "Fired, MCU clock)")
     return _finish(a, cfg, "diverters", res, "diverter positions and latencies")
 
 
@@ -426,6 +435,8 @@ def add_calibrate_commands(sub) -> None:
     common(d, target=False)
     d.add_argument("--repeats", type=int, default=4)
     d.add_argument("--diverter", type=int, action="append", help="only this diverter (repeatable)")
+    d.add_argument("--inputs", action="append", metavar="D:GATE:SENSOR",
+                   help="MCU inputs of diverter D's light gate and actuator sensor (default 2D and 2D+1; repeatable)")
     d.set_defaults(func=_run(cmd_diverters))
 
     k = csub.add_parser("check", help="validate the active calibration: missing, stale, out of tolerance")

@@ -240,14 +240,16 @@ class DiverterRun:
     and one firing: the MCU's fired count, the gate's action count and the belt speed in counts/s."""
     diverter: int
     puck_centre_u_mm: float
-    gate_count: int
+    gate_count: float          # count when the puck's centre crossed the gate (mid of blocked/clear edges)
     fired_count: int
     action_count: int
     counts_per_s: float
+    latency_ms: float | None = None   # measured on the MCU clock (sensor edge − Fired); else from the counts
 
 
 def fit_diverters(runs: list[DiverterRun], mm_per_count: float, decision_line_mm: float, source: str,
-                  max_pos_spread_mm: float = 2.0, max_lat_spread_ms: float = 2.0, min_repeats: int = 3) -> Result:
+                  max_pos_spread_mm: float = 2.0, max_lat_spread_ms: float = 2.0, min_repeats: int = 3,
+                  method: str | None = None) -> Result:
     """Position (belt mm) and actuator latency (ms) of each diverter, mean and spread over repeats."""
     problems = []
     cals = []
@@ -255,7 +257,8 @@ def fit_diverters(runs: list[DiverterRun], mm_per_count: float, decision_line_mm
     for d in sorted({r.diverter for r in runs}):
         rs = [r for r in runs if r.diverter == d]
         pos = np.array([r.puck_centre_u_mm + r.gate_count * mm_per_count for r in rs])
-        lat = np.array([(r.action_count - r.fired_count) / r.counts_per_s * 1000.0 for r in rs])
+        lat = np.array([r.latency_ms if r.latency_ms is not None else
+                        (r.action_count - r.fired_count) / r.counts_per_s * 1000.0 for r in rs])
         ps = float(pos.std(ddof=1)) if len(rs) > 1 else 0.0
         ls = float(lat.std(ddof=1)) if len(rs) > 1 else 0.0
         if len(rs) < min_repeats:
@@ -275,7 +278,7 @@ def fit_diverters(runs: list[DiverterRun], mm_per_count: float, decision_line_mm
                                        f" ± {ps:.2f}   latency {lat_mean:6.2f} ms ± {ls:.2f}   n={len(rs)}"))
     if not cals:
         return Result(None, ["no diverter measurements"])
-    sec = DiverterSection(method="puck through the camera view + light gate at each diverter (position); "
-                                 "fire_now + gate on the actuator (latency)", source=source,
+    sec = DiverterSection(method=method or "puck through the camera view + light gate at each diverter "
+                                           "(position); fire_now + gate on the actuator (latency)", source=source,
                           decision_line_mm=decision_line_mm, diverters=cals)
     return Result(sec, problems, table)

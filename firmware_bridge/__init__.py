@@ -24,6 +24,9 @@ _EXPORTS = {
     "ResetEvent": "events",
     "CommandTimeoutEvent": "events",
     "LinkErrorEvent": "events",
+    "LinkRestoredEvent": "events",
+    "McuClock": "clock_sync",
+    "McuClockNotReady": "clock_sync",
     # protocol
     "DiverterSetup": "messages",
     "NakReason": "messages",
@@ -63,8 +66,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .belt_clock import BeltClock, BeltClockNotReady
     from .environment import ConstantSpeedEnvironment, McuEnvironment
     from .events import (
-        AckEvent, CommandTimeoutEvent, FaultEvent, FiredEvent, LinkErrorEvent, LinkEvent, NakEvent, ResetEvent,
+        AckEvent, CommandTimeoutEvent, FaultEvent, FiredEvent, LinkErrorEvent, LinkEvent, LinkRestoredEvent,
+        NakEvent, ResetEvent,
     )
+    from .clock_sync import McuClock, McuClockNotReady
     from .framing import Frame, FrameDecoder
     from .link import DiverterLink, LinkError
     from .messages import PROTOCOL_VERSION, DiverterSetup, FaultCode, MsgType, NakReason, ProtocolError

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 
 from .framing import Frame, FramingError, encode_frame
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_DIVERTERS = 35  # (255 - 9) // 7: what fits in one Configure payload
 
 
@@ -38,6 +38,9 @@ class MsgType(IntEnum):
     HEARTBEAT = 0x05
     IDENTIFY = 0x06
     EVENT_ACK = 0x07
+    BELT_RUN = 0x08
+    ARM = 0x09
+    GATE_SETUP = 0x0A
     HELLO = 0x80
     ACK = 0x81
     NAK = 0x82
@@ -46,6 +49,7 @@ class MsgType(IntEnum):
     FAULT = 0x85
     STATUS = 0x86
     ENDED = 0x87
+    INPUT_EDGE = 0x88
 
 
 class NakReason(IntEnum):
@@ -59,6 +63,7 @@ class NakReason(IntEnum):
     NOT_QUEUED = 8
     UNSUPPORTED = 9
     CANCELLED = 10  # only in Ended: the host's Cancel removed the queued command
+    NOT_ARMED = 11  # e-stop released (or host disarmed) but no Arm(1) from the host since (PROTOCOL.md §6)
 
 
 class FaultCode(IntEnum):
@@ -211,6 +216,26 @@ class EventAck(_Fixed):
 
 
 @dataclass(frozen=True)
+class BeltRun(_Fixed):
+    """Switch the MCU's belt-run output (PROTOCOL.md §5a): ``run`` 1 = run, 0 = stop. Answered like
+    Configure (Ack/Nak matched by ``seq``), and idempotent, so the host re-sends it until answered."""
+
+    TYPE: ClassVar[MsgType] = MsgType.BELT_RUN
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<B")
+    run: int
+
+
+@dataclass(frozen=True)
+class Arm(_Fixed):
+    """``arm`` 1: the explicit re-arm after an e-stop (the operator's reset); 0: disarm (flush the queue and
+    refuse fires until re-armed). PROTOCOL.md §6. Idempotent, answered like Configure."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ARM
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<B")
+    arm: int
+
+
+@dataclass(frozen=True)
 class Hello(_Fixed):
     TYPE: ClassVar[MsgType] = MsgType.HELLO
     _FMT: ClassVar[struct.Struct] = struct.Struct("<IHBI")
@@ -280,20 +305,23 @@ class Fault(_Fixed):
 @dataclass(frozen=True)
 class Status(_Fixed):
     TYPE: ClassVar[MsgType] = MsgType.STATUS
-    _FMT: ClassVar[struct.Struct] = struct.Struct("<B???BH")
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<B???BH??")
     queue_depth: int
     estop: bool
     configured: bool
     watchdog_tripped: bool
     events_pending: int = 0  # events sent but not yet acked by the host
     events_dropped: int = 0  # events evicted unacked from a full event buffer (this boot)
+    armed: bool = True  # False after an e-stop (or a host Arm(0)) until the host's Arm(1)
+    belt_running: bool = False  # the belt-run output
 
 
 @dataclass(frozen=True)
 class Ended(_Fixed):
     """Event (re-sent until acked): an accepted command ended without firing and never will.
 
-    ``reason`` is CANCELLED (the host's Cancel), WATCHDOG, ESTOP or NOT_CONFIGURED."""
+    ``reason`` is CANCELLED (the host's Cancel), WATCHDOG, ESTOP, NOT_CONFIGURED or NOT_ARMED (the host's
+    Arm(0))."""
 
     TYPE: ClassVar[MsgType] = MsgType.ENDED
     _FMT: ClassVar[struct.Struct] = struct.Struct("<IIIB")
@@ -304,27 +332,53 @@ class Ended(_Fixed):
     reason: NakReason
 
 
+@dataclass(frozen=True)
+class GateSetup(_Fixed):
+    """Which digital inputs (light gates, actuator sensors) the MCU reports as ``InputEdge`` events: bit i of
+    ``mask`` = input i (PROTOCOL.md §6b). Answered like Configure (Ack/Nak by ``seq``), idempotent; a new
+    boot starts with 0 (none). An MCU without gate support answers Nak(UNSUPPORTED)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.GATE_SETUP
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<I")
+    mask: int
+
+
+@dataclass(frozen=True)
+class InputEdge(_Fixed):
+    """Event (re-sent until acked): a reported digital input changed level, stamped by the MCU (in the pin
+    interrupt) with the encoder count and its clock at the edge (PROTOCOL.md §6b)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.INPUT_EDGE
+    _FMT: ClassVar[struct.Struct] = struct.Struct("<IIBBqQ")
+    boot_id: int
+    event_seq: int
+    input: int
+    rising: int
+    count: int
+    mcu_time_us: int
+
+
 Message = Union[
-    Configure, FireAt, FireNow, Cancel, Heartbeat, Identify, EventAck,
-    Hello, Ack, Nak, Fired, EncoderReport, Fault, Status, Ended,
+    Configure, FireAt, FireNow, Cancel, Heartbeat, Identify, EventAck, BeltRun, Arm,
+    Hello, Ack, Nak, Fired, EncoderReport, Fault, Status, Ended, GateSetup, InputEdge,
 ]
 #: MCU messages that are events: numbered per boot, re-sent until the host sends EventAck.
-EVENT_TYPES = (Fired, Ended, Fault)
+EVENT_TYPES = (Fired, Ended, Fault, InputEdge)
 
 MESSAGE_CLASSES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (
-        Configure, FireAt, FireNow, Cancel, Heartbeat, Identify, EventAck,
-        Hello, Ack, Nak, Fired, EncoderReport, Fault, Status, Ended,
+        Configure, FireAt, FireNow, Cancel, Heartbeat, Identify, EventAck, BeltRun, Arm,
+        Hello, Ack, Nak, Fired, EncoderReport, Fault, Status, Ended, GateSetup, InputEdge,
     )
 }
 HOST_TO_MCU = frozenset(
     {MsgType.CONFIGURE, MsgType.FIRE_AT, MsgType.FIRE_NOW, MsgType.CANCEL, MsgType.HEARTBEAT, MsgType.IDENTIFY,
-     MsgType.EVENT_ACK}
+     MsgType.EVENT_ACK, MsgType.BELT_RUN, MsgType.ARM, MsgType.GATE_SETUP}
 )
 MCU_TO_HOST = frozenset(
     {MsgType.HELLO, MsgType.ACK, MsgType.NAK, MsgType.FIRED, MsgType.ENCODER_REPORT, MsgType.FAULT,
-     MsgType.STATUS, MsgType.HEARTBEAT, MsgType.ENDED}
+     MsgType.STATUS, MsgType.HEARTBEAT, MsgType.ENDED, MsgType.INPUT_EDGE}
 )
 
 

@@ -76,6 +76,7 @@ class NativeFirmware:
         self.seed = seed
         self.slave_path: str | None = None
         self.switches: list[OutputSwitch] = []
+        self.belt_switches: list[tuple[bool, int, int]] = []  # (run, mcu_time_us, count_now) per change
         self._switch_lock = threading.Lock()
         self._replies: queue.Queue[str] = queue.Queue()
         self._ctl_lock = threading.Lock()
@@ -138,7 +139,11 @@ class NativeFirmware:
         for line in self._proc.stdout:
             now = time.monotonic()
             line = line.rstrip("\n")
-            if line.startswith("act "):
+            if line.startswith("act belt "):
+                parts = line.split()
+                with self._switch_lock:
+                    self.belt_switches.append((parts[2] == "1", int(parts[3]), int(parts[4])))
+            elif line.startswith("act "):
                 parts = line.split()
                 if parts[1] == "on":
                     sw = OutputSwitch(True, int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5]),
@@ -190,6 +195,18 @@ class NativeFirmware:
 
     def drop_rx(self, msg_type: int, count: int = 1) -> None:
         self.command(f"drop {int(msg_type)} {int(count)}")
+
+    def replug(self) -> str:
+        """The cable is pulled and re-plugged: the core runs on (no reset), its port moves to a new pty and
+        the old one closes. Returns (and remembers) the new slave path."""
+        reply = self.command("replug")
+        self.slave_path = reply.split(" ", 1)[1]
+        return self.slave_path
+
+    @property
+    def belt_running(self) -> bool:
+        with self._switch_lock:
+            return bool(self.belt_switches) and self.belt_switches[-1][0]
 
     def state(self) -> dict[str, int]:
         reply = self.command("state")

@@ -34,6 +34,8 @@ from .messages import (
     HOST_TO_MCU,
     PROTOCOL_VERSION,
     Ack,
+    Arm,
+    BeltRun,
     Cancel,
     Configure,
     DiverterSetup,
@@ -45,9 +47,11 @@ from .messages import (
     FireAt,
     FireNow,
     Fired,
+    GateSetup,
     Heartbeat,
     Hello,
     Identify,
+    InputEdge,
     Message,
     Nak,
     NakReason,
@@ -73,7 +77,7 @@ EVENT_RESEND_MAX_US = 400_000  # ... up to this
 DEFAULT_REPORT_INTERVAL_MS = 20
 TX_BUFFER_LIMIT = 64 * 1024
 POLL_TIMEOUT_S = 0.001
-FW_VERSION = 0x0200
+FW_VERSION = 0x0300
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,12 @@ class FirmwareSimulator:
     ``watchdog_clock`` (seconds) overrides the clock the watchdog is measured on. Default: the MCU clock
     (``env.mcu_time_us``), as on hardware. A virtual-time run whose virtual clock outpaces wall time while
     the host heartbeats on wall time should pass ``time.monotonic`` here, or the watchdog trips spuriously.
+
+    ``clock_drift_ppm`` and ``clock_offset_us`` make the MCU's clock run fast/slow and start elsewhere
+    (``offset + (1 + drift) * env.mcu_time_us()``), as a real crystal does: the host's clock estimate
+    (``firmware_bridge.clock_sync``) is tested against them. The encoder is not affected.
+
+    The belt-run output (BeltRun) goes to ``env.set_belt_running(bool)`` when the environment has one.
     """
 
     def __init__(
@@ -122,11 +132,15 @@ class FirmwareSimulator:
         fw_version: int = FW_VERSION,
         watchdog_clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        clock_drift_ppm: float = 0.0,
+        clock_offset_us: int = 0,
     ) -> None:
         self.env = env
         self.fd = fd
         self.fw_version = fw_version
-        self._wd_clock = watchdog_clock or (lambda: env.mcu_time_us() / 1e6)
+        self._drift = 1.0 + clock_drift_ppm * 1e-6
+        self._offset_us = int(clock_offset_us)
+        self._wd_clock = watchdog_clock or (lambda: self._mcu_now() / 1e6)
         self._rng = rng or random.Random()
         self.slave_path: str | None = None
         self._owns_pty = False
@@ -136,6 +150,7 @@ class FirmwareSimulator:
         self._pass_cv = threading.Condition()
         self._passes = 0
         self._drop: dict[int, int] = {}
+        self.belt_running = False
         self.last_watchdog_trip: WatchdogTrip | None = None
         self.stats: dict[str, int] = {
             "frames_rx": 0, "fired": 0, "naks": 0, "bad_frames": 0, "tx_dropped_bytes": 0,
@@ -187,6 +202,30 @@ class FirmwareSimulator:
         """Press (True) or release (False) the emergency stop input."""
         self._requests.append(lambda: self._apply_estop(active))
 
+    def replug(self, timeout: float = 2.0) -> str:
+        """Fault injection: the cable is pulled and plugged back (a USB re-enumeration). The MCU keeps
+        running (no reset), but its port moves to a new pty: the old one is closed, so the host's reads
+        fail. Returns the new slave path. Only for a simulator that owns its pty (:meth:`on_new_pty`)."""
+        if not self._owns_pty:
+            raise RuntimeError("replug() needs a simulator made with on_new_pty()")
+        done = threading.Event()
+        result: list[str] = []
+
+        def apply() -> None:
+            old = self.fd
+            self.fd, path = open_pty_pair()
+            close_pty_pair(old)
+            self.slave_path = path
+            self._decoder.reset()
+            self._tx.clear()  # bytes for the old cable are gone with it
+            result.append(path)
+            done.set()
+
+        self._requests.append(apply)
+        if not done.wait(timeout):
+            raise RuntimeError("simulator did not apply replug() in time (is it started?)")
+        return result[0]
+
     def drop_rx(self, msg_type: int, count: int = 1) -> None:
         """Fault injection: silently drop the next ``count`` valid frames of ``msg_type`` from the host."""
         def apply() -> None:
@@ -216,6 +255,17 @@ class FirmwareSimulator:
     def config(self) -> Configure | None:
         return self._config
 
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+    def _mcu_now(self) -> int:
+        """The MCU's own clock: the world's time through this crystal's offset and drift."""
+        t = self.env.mcu_time_us()
+        if self._drift == 1.0 and self._offset_us == 0:
+            return t
+        return self._offset_us + int(t * self._drift)
+
     # ----------------------------------------------------------------- state
     def _power_on(self) -> None:
         self._boot_id = self._rng.randrange(1, 2**32)
@@ -225,6 +275,10 @@ class FirmwareSimulator:
         self._queue: dict[int, _Queued] = {}
         self._outcomes: OrderedDict[int, Message] = OrderedDict()
         self._estop = getattr(self, "_estop", False)  # the e-stop input survives a reboot
+        # Armed unless the e-stop input is active at power-on (PROTOCOL.md §6): a fresh boot has no queue and
+        # no configuration, so nothing can fire before the host configures it and sends new commands.
+        self._armed = not self._estop
+        self._set_belt(False)  # outputs come up off
         self._tripped = False
         self._last_host_rx = self._wd_clock()
         self._last_wd_check = self._last_host_rx
@@ -232,7 +286,7 @@ class FirmwareSimulator:
         self._tx = bytearray()
         self._tx_seq = 0
         self._samples: deque[tuple[int, int]] = deque()
-        now = self.env.mcu_time_us()
+        now = self._mcu_now()
         self._next_report = now
         self._next_heartbeat = now
         self._next_status = now
@@ -240,6 +294,7 @@ class FirmwareSimulator:
         self._events: OrderedDict[int, _Event] = OrderedDict()  # unacked events, oldest first
         self._event_seq = 0
         self._events_dropped = 0
+        self._gate_mask = 0  # inputs reported as InputEdge events (GateSetup, PROTOCOL.md §6b); none at boot
         self.stats["boots"] += 1
 
     def _reboot(self) -> None:
@@ -252,7 +307,8 @@ class FirmwareSimulator:
 
     def _status(self) -> Status:
         return Status(len(self._queue), self._estop, self._config is not None, self._tripped,
-                      min(len(self._events), 255), min(self._events_dropped, 0xFFFF))
+                      min(len(self._events), 255), min(self._events_dropped, 0xFFFF), self._armed,
+                      self.belt_running)
 
     @property
     def events_pending(self) -> int:
@@ -275,8 +331,9 @@ class FirmwareSimulator:
             self._requests.popleft()()
         for frame in self._decoder.feed(self._read()):
             self._on_frame(frame)
-        now_us = self.env.mcu_time_us()
+        now_us = self._mcu_now()
         count = self.env.encoder_count()
+        self._input_edges()
         self._sample(now_us, count)
         self._fire_due(count)
         self._check_watchdog()
@@ -370,6 +427,13 @@ class FirmwareSimulator:
             self._on_fire_now(frame, msg)
         elif isinstance(msg, Cancel):
             self._on_cancel(frame, msg)
+        elif isinstance(msg, BeltRun):
+            self._on_belt_run(frame, msg)
+        elif isinstance(msg, Arm):
+            self._on_arm(frame, msg)
+        elif isinstance(msg, GateSetup):
+            self._gate_mask = msg.mask  # any 32-bit mask: inputs the board has not wired never change
+            self._send(Ack(frame.seq, frame.msg_type, 0))
         elif isinstance(msg, EventAck):
             if msg.boot_id == self._boot_id:
                 self._events.pop(msg.event_seq, None)
@@ -406,6 +470,8 @@ class FirmwareSimulator:
             return NakReason.ESTOP
         if self._config is None:
             return NakReason.NOT_CONFIGURED
+        if not self._armed:
+            return NakReason.NOT_ARMED
         if self._tripped:
             return NakReason.WATCHDOG
         setup = self._diverters.get(diverter)
@@ -473,6 +539,54 @@ class FirmwareSimulator:
         self._event(lambda seq: Ended(self._boot_id, seq, msg.command_id, NakReason.CANCELLED))
         self._send_status()
 
+    def _on_belt_run(self, frame: Frame, msg: BeltRun) -> None:
+        """PROTOCOL.md §5a: stopping is always allowed (the safe direction); running needs the same state
+        as firing. Queued commands stay queued across a stop: they are scheduled by belt position."""
+        if msg.run not in (0, 1):
+            self._nak(frame, 0, NakReason.BAD_PARAMS)
+            return
+        if msg.run:
+            reason = (NakReason.ESTOP if self._estop else NakReason.NOT_CONFIGURED if self._config is None
+                      else NakReason.NOT_ARMED if not self._armed else NakReason.WATCHDOG if self._tripped else None)
+            if reason is not None:
+                self._nak(frame, 0, reason)
+                return
+        changed = self._set_belt(bool(msg.run))
+        self._send(Ack(frame.seq, frame.msg_type, 0))
+        if changed:
+            self._send_status()
+
+    def _on_arm(self, frame: Frame, msg: Arm) -> None:
+        """PROTOCOL.md §6: Arm(1) is the explicit re-arm after an e-stop; Arm(0) disarms (software e-stop)."""
+        if msg.arm not in (0, 1):
+            self._nak(frame, 0, NakReason.BAD_PARAMS)
+            return
+        if msg.arm and self._estop:
+            self._nak(frame, 0, NakReason.ESTOP)  # the input is still pressed: nothing to re-arm yet
+            return
+        changed = self._armed != bool(msg.arm)
+        self._armed = bool(msg.arm)
+        if not msg.arm:
+            self._set_belt(False)
+            n = self._cancel_all(NakReason.NOT_ARMED)
+            if n:
+                log.warning("disarmed by the host; cancelled %d queued commands", n)
+        self._send(Ack(frame.seq, frame.msg_type, 0))
+        if changed:
+            log.info("%s by the host", "re-armed" if msg.arm else "disarmed")
+            self._send_status()
+
+    def _set_belt(self, run: bool) -> bool:
+        """Drive the belt-run output; True if it changed."""
+        if run == getattr(self, "belt_running", False):
+            return False
+        self.belt_running = run
+        hook = getattr(self.env, "set_belt_running", None)
+        if hook is not None:
+            hook(run)
+        log.info("belt %s", "running" if run else "stopped")
+        return True
+
     # ----------------------------------------------------------------- time-driven work
     def counts_per_s(self) -> float:
         """Belt speed as measured from encoder samples over the last RATE_WINDOW_US of MCU time."""
@@ -517,7 +631,7 @@ class FirmwareSimulator:
         self.env.actuate(q.diverter, q.on_count, float(q.pulse_ms), q.command_id)
         self.stats["fired"] += 1
         log.debug("command %d: fired diverter %d at count %d", q.command_id, q.diverter, q.on_count)
-        now_us = self.env.mcu_time_us()
+        now_us = self._mcu_now()
         self._event(lambda seq: Fired(self._boot_id, seq, q.command_id, q.diverter, q.on_count, now_us))
 
     def _cancel_all(self, reason: NakReason) -> int:
@@ -536,10 +650,23 @@ class FirmwareSimulator:
             self._events.popitem(last=False)  # the oldest is lost; Status counts it
             self._events_dropped += 1
             self.stats["events_dropped"] += 1
-        now_us = self.env.mcu_time_us()
+        now_us = self._mcu_now()
         self._events[self._event_seq] = _Event(msg, now_us + EVENT_RESEND_US, EVENT_RESEND_US)
         self.stats["events"] += 1
         self._send(msg)
+
+    def _input_edges(self) -> None:
+        """Digital input edges since the last pass (PROTOCOL.md §6b), from ``env.input_edges()`` when the
+        environment has one: ``(input, rising, count, env_time_us)`` each, stamped by the world at the edge as
+        a pin interrupt would. Edges of inputs not in the GateSetup mask are dropped."""
+        poll = getattr(self.env, "input_edges", None)
+        if poll is None:
+            return
+        for inp, rising, count, t_us in poll():
+            if not (0 <= inp < 32 and self._gate_mask >> inp & 1):
+                continue
+            mcu_us = t_us if (self._drift == 1.0 and self._offset_us == 0) else self._offset_us + int(t_us * self._drift)
+            self._event(lambda seq, i=inp, r=rising, c=count, t=mcu_us: InputEdge(self._boot_id, seq, i, int(bool(r)), c, t))
 
     def _fault(self, code: FaultCode, detail: int) -> None:
         self.stats["faults"] += 1
@@ -574,6 +701,8 @@ class FirmwareSimulator:
             return
         self._estop = active
         if active:
+            self._armed = False  # only the host's Arm(1), after release, re-arms (PROTOCOL.md §6)
+            self._set_belt(False)
             n = self._cancel_all(NakReason.ESTOP)
             log.warning("e-stop pressed; cancelled %d queued commands", n)
             self._fault(FaultCode.ESTOP, n)

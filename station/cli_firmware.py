@@ -143,10 +143,8 @@ def cmd_status(a: argparse.Namespace) -> int:
             time.sleep(0.15)  # a few encoder reports for the speed
             hello = link.hello
             status = link.mcu_status
-            try:
-                cps = link.belt_clock.counts_per_s()
-            except Exception:
-                cps = None
+            bc = link.belt_clock
+            cps = bc.counts_per_s if bc.ready else None  # a property: calling it was a swallowed TypeError
             health = link.health()
     except LinkError as e:
         print(f"status failed: {e}", file=sys.stderr)
@@ -161,9 +159,11 @@ def cmd_status(a: argparse.Namespace) -> int:
         "status": None if status is None else {
             "queue_depth": status.queue_depth, "estop": status.estop, "configured": status.configured,
             "watchdog_tripped": status.watchdog_tripped, "events_pending": status.events_pending,
-            "events_dropped": status.events_dropped},
+            "events_dropped": status.events_dropped, "armed": status.armed, "belt_running": status.belt_running},
         "belt_counts_per_s": cps,
-        "link": {k: health[k] for k in ("rtt_ms", "crc_errors", "resyncs", "frames_rx", "bad_messages")},
+        "mcu_clock": health["clock"],
+        "link": {k: health[k] for k in ("rtt_ms", "crc_errors", "resyncs", "frames_rx", "bad_messages",
+                                        "reconnects")},
     }
     if a.json:
         print(json.dumps(out, indent=1))
@@ -173,9 +173,10 @@ def cmd_status(a: argparse.Namespace) -> int:
     if status is None:
         print("no Status received within 1 s")
     else:
-        print(f"queue {status.queue_depth}, e-stop {'PRESSED' if status.estop else 'released'}, watchdog "
-              f"{'TRIPPED' if status.watchdog_tripped else 'armed'}, events pending {status.events_pending}, "
-              f"dropped {status.events_dropped}")
+        print(f"queue {status.queue_depth}, e-stop {'PRESSED' if status.estop else 'released'}"
+              f"{'' if status.armed else ' (NOT re-armed: reset the line on the HMI)'}, watchdog "
+              f"{'TRIPPED' if status.watchdog_tripped else 'ok'}, belt {'running' if status.belt_running else 'stopped'}"
+              f", events pending {status.events_pending}, dropped {status.events_dropped}")
     print(f"belt: {'unknown' if cps is None else f'{cps:.1f} counts/s'}; link: {out['link']}")
     return 0
 

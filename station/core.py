@@ -282,7 +282,8 @@ class StationCore:
     # ---- what the link says --------------------------------------------------------------------
     def handle_link_events(self) -> int:
         from firmware_bridge.events import (
-            AckEvent, CommandTimeoutEvent, FaultEvent, FiredEvent, LinkErrorEvent, NakEvent, ResetEvent,
+            AckEvent, CommandTimeoutEvent, FaultEvent, FiredEvent, LinkErrorEvent, LinkRestoredEvent, NakEvent,
+            ResetEvent,
         )
         events = self.link.poll_events()
         now = self.clock()
@@ -329,4 +330,9 @@ class StationCore:
             elif isinstance(ev, LinkErrorEvent):
                 self.alarms.raise_("link_lost", Severity.FAULT, f"diverter link: {ev.message}",
                                    params={"error": ev.message})
+            elif isinstance(ev, LinkRestoredEvent):
+                # a restart meanwhile is the ResetEvent's own mcu_reset alarm (with the commands it lost)
+                self.alarms.raise_("link_restored", Severity.INFO,
+                                   f"diverter link restored after {ev.down_s:.1f} s (reconnect {ev.reconnects})",
+                                   params={"down_s": f"{ev.down_s:.1f}", "reconnects": ev.reconnects})
         return len(events)

@@ -112,17 +112,24 @@ class Station:
         cfg = self.cfg = calibrated_config(cfg)
         self.bundle = open_link(cfg, self.clock, environment=self.world)
         self.link = self.bundle.link
-        cps_cfg = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
-        bc = self.link.belt_clock
-        self.core = StationCore(cfg, self.detector, self.link, self.records, load_taxonomy(),
-                                geometry_from_config(cfg), self.clock.now,
-                                counts_per_s=lambda: bc.counts_per_s if bc.ready else cps_cfg,
-                                model_version=self.detector.info.version, alarms=self.alarms,
-                                first_command_id=command_id_base(), inspector=build_inspector(cfg, threaded=True))
-        self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
-        from station.capture import open_capture
+        try:
+            cps_cfg = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
+            bc = self.link.belt_clock
+            self.core = StationCore(cfg, self.detector, self.link, self.records, load_taxonomy(),
+                                    geometry_from_config(cfg), self.clock.now,
+                                    counts_per_s=lambda: bc.counts_per_s if bc.ready else cps_cfg,
+                                    model_version=self.detector.info.version, alarms=self.alarms,
+                                    first_command_id=command_id_base(), inspector=build_inspector(cfg, threaded=True))
+            self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
+            from station.capture import open_capture
 
-        self.capture = open_capture(cfg, tuple(self.detector.names), self.alarms, lambda: self.core.model_version)
+            self.capture = open_capture(cfg, tuple(self.detector.names), self.alarms,
+                                        lambda: self.core.model_version)
+        except BaseException:
+            # no station to stop(): the link (and its simulator's pty) must not outlive this failed start,
+            # the link first, so it never sees its pty go away
+            self.bundle.close()
+            raise
         self.core.capture = self.capture
         self.swap_log: list[dict[str, Any]] = []      # every hot-swap attempt, refused ones included
         self._swap_lock = threading.Lock()
@@ -134,7 +141,7 @@ class Station:
             try:
                 self.mailbox.put(self.camera.read())
             except CameraLost as e:
-                self.alarms.raise_("camera_lost", Severity.FAULT, f"camera lost: {e}")
+                self.alarms.raise_("camera_lost", Severity.FAULT, f"camera lost: {e}", params={"error": str(e)})
                 self.mailbox.fail(e)
                 return
             except Exception as e:  # a bug in a source must not leave the loop waiting forever
@@ -155,6 +162,7 @@ class Station:
                 self.state.fault(f"camera: {self.mailbox.error}")
                 return
             self.core.handle_link_events()
+            self._follow_mcu_estop()
             if self.world is not None:
                 self.world.settle()
             if f is None or self.state.state != LineState.RUNNING:
@@ -172,6 +180,12 @@ class Station:
                     self.on_frame(res)
                 except Exception:
                     log.exception("frame hook failed (ignored: the line goes on)")
+
+    def _follow_mcu_estop(self) -> None:
+        """The diverter MCU's e-stop (its Fault(ESTOP), or a Status saying it is pressed or not re-armed) puts
+        the line in e-stop, so that only the operator's reset leaves it; that reset re-arms the MCU."""
+        if getattr(self.link, "estop_latched", False) and self.state.state != LineState.ESTOP:
+            self.state.estop("e-stop on the diverter controller: release it, then reset the line")
 
     # ---- hot-swap -------------------------------------------------------------------------------
     def swap_model(self, path: str | Path, version: str | None = None) -> threading.Thread:
@@ -216,17 +230,20 @@ class Station:
                        dropped_during=self.mailbox.dropped - dropped0,
                        switch=self.core.swaps[-1] if len(self.core.swaps) > n_swaps else None)
             self.alarms.raise_("model_swapped", Severity.INFO, f"now detecting with {v} (was {rec['from']}); "
-                               f"loaded in {rec['load_s']:.2f} s without stopping the belt")
+                               f"loaded in {rec['load_s']:.2f} s without stopping the belt",
+                               params={"version": v, "was": rec["from"], "load_s": f"{rec['load_s']:.2f}"})
             log.info("hot-swap to %s: %s", v, rec)
         except (ModelError, ValueError) as e:
             rec.update(ok=False, error=str(e), load_s=round(time.monotonic() - t0, 3))
             self.alarms.raise_("model_refused", Severity.WARNING, f"model not switched, {rec['from']} keeps "
-                                                                  f"running: {e}")
+                                                                  f"running: {e}",
+                               params={"was": rec["from"], "error": str(e)})
             log.error("hot-swap refused: %s", e)
         except Exception as e:   # a bug here must not touch the running model either
             rec.update(ok=False, error=f"{type(e).__name__}: {e}")
             self.alarms.raise_("model_refused", Severity.WARNING, f"model not switched ({e}); "
-                                                                  f"{rec['from']} keeps running")
+                                                                  f"{rec['from']} keeps running",
+                               params={"was": rec["from"], "error": str(e)})
             log.exception("hot-swap failed")
         self.swap_log.append(rec)
 
@@ -248,7 +265,8 @@ class Station:
                 reg = Registry(configured.parent)
                 path, version = reg.active_path(), reg.active_version()
             except RegistryError as e:
-                self.alarms.raise_("model_refused", Severity.WARNING, f"registry: {e}")
+                self.alarms.raise_("model_refused", Severity.WARNING, f"registry: {e}",
+                                   detail="model_refused.registry", params={"error": str(e)})
                 continue
             if version != self.core.model_version:
                 log.info("registry: active model is now %s: hot-swapping", version)
@@ -277,21 +295,23 @@ class Station:
 
     def stop(self) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join(timeout=3)
-        self.state.stop()
-        if self.capture is not None:
-            self.capture.close()
         try:
+            for t in self._threads:
+                t.join(timeout=3)
+            self.state.stop()
+            if self.capture is not None:
+                self.capture.close()
             self.records.end_run(self.core.counters.as_dict())
         finally:
-            if getattr(self, "plant", None) is not None:
-                self.plant.stop()       # after end_run: the run's last items go out in its drain
-            self.bundle.close()
-            self.records.close()
-            self.camera.close()
-            if self.core.inspector is not None:
-                self.core.inspector.close()
+            try:
+                if getattr(self, "plant", None) is not None:
+                    self.plant.stop()       # after end_run: the run's last items go out in its drain
+            finally:
+                self.bundle.close()         # whatever failed above: the link (before its simulator's pty) closes
+                self.records.close()
+                self.camera.close()
+                if self.core.inspector is not None:
+                    self.core.inspector.close()
 
     def status_line(self) -> str:
         c = self.core.counters
@@ -318,11 +338,24 @@ class Station:
         self.state.stop()
 
     def estop_line(self, reason: str = "e-stop pressed on the HMI") -> None:
-        """Software e-stop: stops sorting at once; only an explicit reset leaves it."""
+        """Software e-stop: stops sorting at once, and disarms the diverter MCU (its queued commands are
+        cancelled, outputs and belt off) so nothing already sent fires; only an explicit reset leaves it."""
         self.state.estop(reason)
+        disarm = getattr(self.link, "disarm", None)
+        if disarm is not None:
+            try:
+                disarm(timeout=0.3)
+            except Exception as e:  # the link keeps re-sending Arm(0) until the MCU acks it
+                log.error("e-stop: the diverter MCU has not acknowledged the disarm yet (%s); still trying", e)
 
     def reset_line(self) -> None:
-        """Fault or e-stop -> idle, after a person has looked at the cause."""
+        """Fault or e-stop -> idle, after a person has looked at the cause. After an e-stop this is the
+        explicit re-arm of the diverter MCU; refused while its e-stop input is still pressed."""
+        if self.state.state in (LineState.FAULT, LineState.ESTOP) and getattr(self.link, "estop_latched", False):
+            try:
+                self.link.rearm()
+            except Exception as e:  # LinkError: the input is still pressed, or the link is down
+                raise IllegalTransition(f"cannot reset the line: {e}") from None
         self.state.reset()
 
     def send_next_to_manual(self, n: int = 1) -> int:

@@ -65,30 +65,31 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
     records = Records(records_path, batch_s=cfg.records.batch_s, synchronous=cfg.records.synchronous)
     # the watchdog runs on wall time: virtual time outpaces the host's wall-clock heartbeats
     bundle = open_link(station_cfg, clock, environment=world, watchdog_clock=time.monotonic)
-    link, fw = bundle.link, bundle.firmware
-    cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
-    core = StationCore(station_cfg, det, link, records, load_taxonomy(), geometry_from_config(station_cfg), clock.now,
-                       counts_per_s=lambda: cps, model_version=det.info.version, alarms=AlarmBoard(clock.now),
-                       inspector=None if oracle else build_inspector(cfg, threaded=False))
-    core.alarms.listeners.append(records.alarm_raised)    # every alarm raise goes on record
     capture = None
-    if capture_dir is not None or cfg.capture.enabled:
-        from station.capture import open_capture
-
-        cfg.capture.enabled = True
-        capture = open_capture(cfg, tuple(det.names), core.alarms, lambda: core.model_version,
-                               truth=lambda: camera.last_truth,
-                               root=Path(capture_dir) if capture_dir is not None else None,
-                               wait_for_writer=True,          # virtual time: no frame deadline to protect
-                               # the same run (seed, look, items) captures the same frames under the same
-                               # names' run part, so a dataset split of them is the same each time too
-                               run_id=f"s{cfg.sim.seed if seed is None else seed}l{look_seed or 0}n{n_items}")
-        core.capture = capture
-    records.start_run("sim-fast", det.info.version, cfg.model_dump(mode="json"))
-    period = 1.0 / cfg.camera.fps
-    k = 0
-    limit = max_line_s or (n_items * 60.0 / cfg.sim.items_per_min * 3 + 60.0)
+    # from here on the link (and the simulator's pty) is open: every way out closes it, link first
     try:
+        link, fw = bundle.link, bundle.firmware
+        cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
+        core = StationCore(station_cfg, det, link, records, load_taxonomy(), geometry_from_config(station_cfg),
+                           clock.now, counts_per_s=lambda: cps, model_version=det.info.version, alarms=AlarmBoard(clock.now),
+                           inspector=None if oracle else build_inspector(cfg, threaded=False))
+        core.alarms.listeners.append(records.alarm_raised)    # every alarm raise goes on record
+        if capture_dir is not None or cfg.capture.enabled:
+            from station.capture import open_capture
+
+            cfg.capture.enabled = True
+            capture = open_capture(cfg, tuple(det.names), core.alarms, lambda: core.model_version,
+                                   truth=lambda: camera.last_truth,
+                                   root=Path(capture_dir) if capture_dir is not None else None,
+                                   wait_for_writer=True,          # virtual time: no frame deadline to protect
+                                   # the same run (seed, look, items) captures the same frames under the same
+                                   # names' run part, so a dataset split of them is the same each time too
+                                   run_id=f"s{cfg.sim.seed if seed is None else seed}l{look_seed or 0}n{n_items}")
+            core.capture = capture
+        records.start_run("sim-fast", det.info.version, cfg.model_dump(mode="json"))
+        period = 1.0 / cfg.camera.fps
+        k = 0
+        limit = max_line_s or (n_items * 60.0 / cfg.sim.items_per_min * 3 + 60.0)
         while not world.all_items_past():
             t = k * period
             if t > limit:

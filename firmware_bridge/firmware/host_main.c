@@ -16,12 +16,16 @@
  *   set COUNT TIME_US   move the manual belt/clock, run one service pass        -> "ok"
  *   sync                run one service pass (after reading the pty)            -> "ok"
  *   estop 0|1           release/press the e-stop input                          -> "ok"
+ *   edge INPUT 0|1      digital input INPUT falls (0) / rises (1) now: kz_input_edge() stamped with the
+ *                       world's count and time, as the board's pin ISR does, then one service pass -> "ok"
  *   reset               power-cycle the core (new boot id, Hello)               -> "ok"
  *   drop TYPE N         drop the next N valid host frames of msg type TYPE      -> "ok"
+ *   replug              the cable is pulled and re-plugged: the core runs on (no reset), its port moves
+ *                       to a new pty and the old one closes (the host's reads fail) -> "ok <new slave path>"
  *   state               -> "state boot=.. configured=.. queue=.. estop=.. tripped=.. count=.. time=..
  *                           rate_dc=.. rate_dt=.. frames_rx=.. crc_errors=.. malformed=.. fired=.. tx_dropped=..
  *                           faults=.. events_pending=.. events_dropped=.. watchdog_trips=..
- *                           wd_last_rx=.. wd_prev_poll=.. wd_trip=.. wd_frames_rx=.."
+ *                           wd_last_rx=.. wd_prev_poll=.. wd_trip=.. wd_frames_rx=.. armed=.. belt=.."
  *                       (faults and watchdog_trips count every boot since the process started; the wd_
  *                       fields describe the latest watchdog trip on the MCU clock: the last host frame's
  *                       time, the service pass before the trip, the trip, and frames_rx then; 0 if none)
@@ -29,6 +33,7 @@
  * Asynchronous lines, whenever an output switches:
  *   act on DIVERTER ON_COUNT PULSE_MS COMMAND_ID TIME_US COUNT_NOW
  *   act off DIVERTER TIME_US COUNT_NOW
+ *   act belt RUN TIME_US COUNT_NOW      (the belt-run output: 1 run, 0 stop)
  * Anything else on stdout starts with "err " and says what was wrong with the control line.
  */
 #define _XOPEN_SOURCE 600
@@ -120,7 +125,16 @@ static void hal_output(void *ctx, uint8_t diverter, int on, int64_t on_count, ui
         printf("act off %u %" PRIu64 " %" PRId64 "\n", diverter, t, c);
 }
 
-static const kz_hal_t g_hal = {NULL, hal_write, hal_output};
+static void hal_belt(void *ctx, int run) {
+    uint64_t t;
+    int64_t c;
+    (void)ctx;
+    now_world(&t, &c);
+    printf("act belt %d %" PRIu64 " %" PRId64 "\n", run ? 1 : 0, t, c);
+}
+
+static const kz_hal_t g_hal = {NULL, hal_write, hal_output, hal_belt};
+static int g_slave_fd = -1;
 
 static uint32_t next_boot_id(void) {
     uint32_t id;
@@ -139,6 +153,7 @@ static void power_on(void) {
     uint8_t i;
     for (i = 0; i < g_mcu.n_outputs; i++) /* a reset drops every output (pins float to off) */
         if (g_mcu.outputs[i].on) hal_output(NULL, g_mcu.outputs[i].id, 0, 0, 0, 0);
+    if (g_mcu.belt_running) hal_belt(NULL, 0);
     now_world(&t, &c);
     g_faults_before += g_mcu.faults;
     g_trips_before += g_mcu.watchdog_trips;
@@ -211,10 +226,39 @@ static int handle_control(char *line) {
         g_estop = a != 0;
         now_world(&t, &c);
         kz_set_estop(&g_mcu, g_estop, t);
+    } else if (strcmp(cmd, "edge") == 0 && n == 3) {
+        uint64_t t;
+        int64_t c;
+        if (a < 0 || a > 255) {
+            printf("err edge needs INPUT 0..255 and 0|1\n");
+            return 0;
+        }
+        now_world(&t, &c);
+        kz_input_edge(&g_mcu, (uint8_t)a, b != 0, c, t, t);
     } else if (strcmp(cmd, "reset") == 0) {
         power_on();
     } else if (strcmp(cmd, "drop") == 0 && n == 3) {
         kz_drop_rx(&g_mcu, (uint8_t)a, (uint16_t)b);
+    } else if (strcmp(cmd, "replug") == 0) {
+        const char *path = NULL;
+        int new_slave = -1, new_fd;
+        if (g_slave_fd < 0) {
+            printf("err replug needs a pty this process created (no --fd)\n");
+            return 0;
+        }
+        new_fd = open_pty(&path, &new_slave);
+        if (new_fd < 0 || fcntl(new_fd, F_SETFL, fcntl(new_fd, F_GETFL) | O_NONBLOCK) != 0) {
+            printf("err replug: cannot create a pseudo-terminal: %s\n", strerror(errno));
+            return 0;
+        }
+        close(g_slave_fd); /* the old cable: the host's end sees a hang-up */
+        close(g_fd);
+        g_fd = new_fd;
+        g_slave_fd = new_slave;
+        g_tx_len = 0; /* bytes for the old cable are gone with it */
+        service_pass();
+        printf("ok %s\n", path);
+        return 0;
     } else if (strcmp(cmd, "state") == 0) {
         int64_t dc, dt;
         kz_rate(&g_mcu, &dc, &dt);
@@ -222,15 +266,15 @@ static int handle_control(char *line) {
                " rate_dc=%" PRId64 " rate_dt=%" PRId64 " frames_rx=%" PRIu32 " crc_errors=%" PRIu32
                " malformed=%" PRIu32 " fired=%" PRIu32 " tx_dropped=%lu faults=%" PRIu32 " events_pending=%u"
                " events_dropped=%u watchdog_trips=%" PRIu32 " wd_last_rx=%" PRIu64 " wd_prev_poll=%" PRIu64
-               " wd_trip=%" PRIu64 " wd_frames_rx=%" PRIu32 "\n",
+               " wd_trip=%" PRIu64 " wd_frames_rx=%" PRIu32 " armed=%d belt=%d\n",
                g_mcu.boot_id, g_mcu.configured, g_mcu.queue_depth, g_mcu.estop, g_mcu.tripped, g_count, g_time_us,
                dc, dt, g_mcu.frames_rx, g_mcu.crc_errors, g_mcu.malformed, g_mcu.fired, g_tx_dropped,
                g_faults_before + g_mcu.faults, (unsigned)g_mcu.event_count, (unsigned)g_mcu.events_dropped,
                g_trips_before + g_mcu.watchdog_trips, g_wd_last_rx_us, g_wd_prev_poll_us, g_wd_trip_us,
-               g_wd_frames_rx);
+               g_wd_frames_rx, g_mcu.armed, g_mcu.belt_running);
         return 0;
     } else if (strcmp(cmd, "sync") != 0) {
-        printf("err unknown control line '%s': use set/sync/estop/reset/drop/state/quit\n", cmd);
+        printf("err unknown control line '%s': use set/sync/estop/edge/reset/drop/replug/state/quit\n", cmd);
         return 0;
     }
     service_pass();
@@ -240,7 +284,7 @@ static int handle_control(char *line) {
 
 int main(int argc, char **argv) {
     const char *slave_path = NULL;
-    int slave_fd = -1, i, seeded = 0;
+    int i, seeded = 0;
     char ctl[CTL_LINE_MAX];
     size_t ctl_len = 0;
     int stdin_open = 1;
@@ -268,7 +312,7 @@ int main(int argc, char **argv) {
     }
     if (g_rng == 0) g_rng = 0x9E3779B9u;
     if (g_fd < 0) {
-        g_fd = open_pty(&slave_path, &slave_fd);
+        g_fd = open_pty(&slave_path, &g_slave_fd);
         if (g_fd < 0) {
             fprintf(stderr, "kozan_mcu_host: cannot create a pseudo-terminal: %s\n", strerror(errno));
             return 1;
@@ -312,7 +356,7 @@ int main(int argc, char **argv) {
         service_pass();
     }
 done:
-    if (slave_fd >= 0) close(slave_fd);
+    if (g_slave_fd >= 0) close(g_slave_fd);
     close(g_fd);
     return 0;
 }

@@ -178,13 +178,15 @@ static void send_ended(kz_mcu_t *m, uint32_t command_id, uint8_t reason) {
 }
 
 static void send_status(kz_mcu_t *m) {
-    uint8_t p[7];
+    uint8_t p[9];
     p[0] = m->queue_depth;
     p[1] = m->estop ? 1 : 0;
     p[2] = m->configured ? 1 : 0;
     p[3] = m->tripped ? 1 : 0;
     p[4] = (uint8_t)(m->event_count > 255u ? 255u : m->event_count);
     put_u16(p + 5, m->events_dropped);
+    p[7] = m->armed ? 1 : 0;
+    p[8] = m->belt_running ? 1 : 0;
     send_frame(m, KZ_STATUS, p, sizeof p);
 }
 
@@ -327,6 +329,7 @@ static int check_fire(kz_mcu_t *m, uint8_t diverter, uint16_t pulse_ms) {
     kz_output_t *o;
     if (m->estop) return KZ_NAK_ESTOP;
     if (!m->configured) return KZ_NAK_NOT_CONFIGURED;
+    if (!m->armed) return KZ_NAK_NOT_ARMED;
     if (m->tripped) return KZ_NAK_WATCHDOG;
     o = find_output(m, diverter);
     if (o == NULL) return KZ_NAK_UNKNOWN_DIVERTER;
@@ -447,6 +450,58 @@ static void on_cancel(kz_mcu_t *m, uint8_t seq, const uint8_t *p) {
     send_status(m);
 }
 
+/* Drive the belt-run output; returns 1 if it changed. */
+static int set_belt(kz_mcu_t *m, int run) {
+    if ((run ? 1 : 0) == m->belt_running) return 0;
+    m->belt_running = run ? 1 : 0;
+    if (m->hal.belt != NULL) m->hal.belt(m->hal.ctx, m->belt_running);
+    return 1;
+}
+
+/* BeltRun (PROTOCOL.md §5a): stopping is always allowed (the safe direction); running needs what firing
+ * needs. Queued commands stay queued across a stop: they are scheduled by belt position, not time. */
+static void on_belt_run(kz_mcu_t *m, uint8_t seq, const uint8_t *p) {
+    uint8_t run = p[0];
+    int reason = KZ_NAK_NONE;
+    if (run > 1) reason = KZ_NAK_BAD_PARAMS;
+    else if (run) {
+        if (m->estop) reason = KZ_NAK_ESTOP;
+        else if (!m->configured) reason = KZ_NAK_NOT_CONFIGURED;
+        else if (!m->armed) reason = KZ_NAK_NOT_ARMED;
+        else if (m->tripped) reason = KZ_NAK_WATCHDOG;
+    }
+    if (reason != KZ_NAK_NONE) {
+        send_nak(m, seq, KZ_BELT_RUN, 0, (uint8_t)reason);
+        return;
+    }
+    run = (uint8_t)set_belt(m, run);
+    send_ack(m, seq, KZ_BELT_RUN, 0);
+    if (run) send_status(m);
+}
+
+/* Arm (PROTOCOL.md §6): 1 = the explicit re-arm after an e-stop; 0 = disarm (a software e-stop). */
+static void on_arm(kz_mcu_t *m, uint8_t seq, const uint8_t *p) {
+    uint8_t arm = p[0];
+    int changed;
+    if (arm > 1) {
+        send_nak(m, seq, KZ_ARM, 0, KZ_NAK_BAD_PARAMS);
+        return;
+    }
+    if (arm && m->estop) { /* still pressed: nothing to re-arm yet */
+        send_nak(m, seq, KZ_ARM, 0, KZ_NAK_ESTOP);
+        return;
+    }
+    changed = m->armed != arm;
+    m->armed = arm;
+    if (!arm) {
+        all_outputs_off(m);
+        set_belt(m, 0);
+        cancel_all(m, KZ_NAK_NOT_ARMED);
+    }
+    send_ack(m, seq, KZ_ARM, 0);
+    if (changed) send_status(m);
+}
+
 /* Payload check per type (the simulator's decode_message): 1 = ok, 0 = BAD_PARAMS, -1 = unknown type. */
 static int payload_ok(uint8_t type, const uint8_t *p, uint8_t len) {
     switch (type) {
@@ -457,14 +512,18 @@ static int payload_ok(uint8_t type, const uint8_t *p, uint8_t len) {
     case KZ_HEARTBEAT: return len == 12;
     case KZ_IDENTIFY: return len == 0;
     case KZ_EVENT_ACK: return len == 8;
+    case KZ_BELT_RUN: return len == 1;
+    case KZ_ARM: return len == 1;
+    case KZ_GATE_SETUP: return len == 4;
     case KZ_HELLO: return len == 11;
     case KZ_ACK: return len == 6;
-    case KZ_NAK: return len == 7 && p[6] >= KZ_NAK_LATE && p[6] <= KZ_NAK_CANCELLED;
+    case KZ_NAK: return len == 7 && p[6] >= KZ_NAK_LATE && p[6] <= KZ_NAK_NOT_ARMED;
     case KZ_FIRED: return len == 29;
     case KZ_ENCODER_REPORT: return len == 16;
     case KZ_FAULT: return len == 13 && p[8] >= KZ_FAULT_WATCHDOG && p[8] <= KZ_FAULT_BAD_VERSION;
-    case KZ_STATUS: return len == 7;
-    case KZ_ENDED: return len == 13 && p[12] >= KZ_NAK_LATE && p[12] <= KZ_NAK_CANCELLED;
+    case KZ_STATUS: return len == 9;
+    case KZ_ENDED: return len == 13 && p[12] >= KZ_NAK_LATE && p[12] <= KZ_NAK_NOT_ARMED;
+    case KZ_INPUT_EDGE: return len == 26 && p[9] <= 1;
     default: return -1;
     }
 }
@@ -511,6 +570,12 @@ static void on_frame(kz_mcu_t *m, const uint8_t *body, size_t n, uint64_t now_us
     case KZ_FIRE_NOW: on_fire_now(m, seq, p, now_us, count); break;
     case KZ_CANCEL: on_cancel(m, seq, p); break;
     case KZ_EVENT_ACK: on_event_ack(m, p); break;
+    case KZ_BELT_RUN: on_belt_run(m, seq, p); break;
+    case KZ_ARM: on_arm(m, seq, p); break;
+    case KZ_GATE_SETUP: /* any mask: inputs the board has not wired never change */
+        m->gate_mask = get_u32(p);
+        send_ack(m, seq, KZ_GATE_SETUP, 0);
+        break;
     default: send_nak(m, seq, type, 0, KZ_NAK_UNSUPPORTED); break; /* an MCU->host type sent to us */
     }
 }
@@ -641,6 +706,10 @@ void kz_init(kz_mcu_t *m, const kz_hal_t *hal, uint32_t boot_id, uint64_t now_us
     m->hal = *hal;
     m->boot_id = boot_id ? boot_id : 1u;
     m->estop = estop_active ? 1 : 0;
+    /* Armed unless the e-stop is pressed at power-on: a fresh boot has no queue and no configuration, so
+     * nothing fires before the host configures it and sends new commands (PROTOCOL.md §6). The belt
+     * output starts off (memset). */
+    m->armed = m->estop ? 0 : 1;
     m->last_host_rx_us = now_us;
     m->next_report_us = now_us;
     m->next_heartbeat_us = now_us;
@@ -655,11 +724,24 @@ void kz_set_estop(kz_mcu_t *m, int active, uint64_t now_us) {
     if ((active ? 1 : 0) == m->estop) return;
     m->estop = active ? 1 : 0;
     if (m->estop) {
+        m->armed = 0; /* releasing does not re-arm: only the host's Arm(1) does */
+        set_belt(m, 0);
         all_outputs_off(m);
         n = cancel_all(m, KZ_NAK_ESTOP);
         send_fault(m, KZ_FAULT_ESTOP, n);
     }
     send_status(m);
+}
+
+void kz_input_edge(kz_mcu_t *m, uint8_t input, int rising, int64_t edge_count, uint64_t edge_us, uint64_t now_us) {
+    uint8_t p[18];
+    m->now_us = now_us;
+    if (input >= 32u || !((m->gate_mask >> input) & 1u)) return;
+    p[0] = input;
+    p[1] = rising ? 1u : 0u;
+    put_u64(p + 2, (uint64_t)edge_count);
+    put_u64(p + 10, edge_us);
+    post_event(m, KZ_INPUT_EDGE, p, sizeof p);
 }
 
 int kz_next_on_count(const kz_mcu_t *m, int64_t *on_count, uint8_t *diverter) {

@@ -1,5 +1,5 @@
 /*
- * Kozan diverter MCU: the protocol core (firmware_bridge/PROTOCOL.md v2), portable C99.
+ * Kozan diverter MCU: the protocol core (firmware_bridge/PROTOCOL.md v3), portable C99.
  *
  * Why a "core" with no I/O of its own: the same code runs on the board (board_arduino/, with the encoder
  * ISR and the output pins) and on Linux (host_main.c, on a pseudo-terminal), so the conformance suite
@@ -21,8 +21,8 @@
 extern "C" {
 #endif
 
-#define KZ_PROTOCOL_VERSION 2u
-#define KZ_FW_VERSION 0x0200u
+#define KZ_PROTOCOL_VERSION 3u
+#define KZ_FW_VERSION 0x0300u
 
 #define KZ_HEADER_LEN 4u
 #define KZ_CRC_LEN 2u
@@ -55,6 +55,9 @@ enum kz_msg_type {
     KZ_HEARTBEAT = 0x05,
     KZ_IDENTIFY = 0x06,
     KZ_EVENT_ACK = 0x07,
+    KZ_BELT_RUN = 0x08,
+    KZ_ARM = 0x09,
+    KZ_GATE_SETUP = 0x0A,
     KZ_HELLO = 0x80,
     KZ_ACK = 0x81,
     KZ_NAK = 0x82,
@@ -62,7 +65,8 @@ enum kz_msg_type {
     KZ_ENCODER_REPORT = 0x84,
     KZ_FAULT = 0x85,
     KZ_STATUS = 0x86,
-    KZ_ENDED = 0x87
+    KZ_ENDED = 0x87,
+    KZ_INPUT_EDGE = 0x88
 };
 
 enum kz_nak_reason {
@@ -76,7 +80,8 @@ enum kz_nak_reason {
     KZ_NAK_WATCHDOG = 7,
     KZ_NAK_NOT_QUEUED = 8,
     KZ_NAK_UNSUPPORTED = 9,
-    KZ_NAK_CANCELLED = 10 /* only in Ended */
+    KZ_NAK_CANCELLED = 10, /* only in Ended */
+    KZ_NAK_NOT_ARMED = 11  /* e-stop released (or host Arm(0)) and no Arm(1) since */
 };
 
 enum kz_fault_code { KZ_FAULT_WATCHDOG = 1, KZ_FAULT_ESTOP = 2, KZ_FAULT_BAD_VERSION = 3 };
@@ -91,6 +96,9 @@ typedef struct kz_hal {
      * `pulse_ms`; on=0: switch it off (pulse over, max on-time, watchdog, e-stop). */
     void (*output)(void *ctx, uint8_t diverter, int on, int64_t on_count, uint16_t pulse_ms,
                    uint32_t command_id);
+    /* Switch the belt-run output (BeltRun, PROTOCOL.md §5a): run=1 run, 0 stop. May be NULL (no belt
+     * output wired); the core still tracks and reports the state. */
+    void (*belt)(void *ctx, int run);
 } kz_hal_t;
 
 typedef struct {
@@ -137,6 +145,9 @@ typedef struct kz_mcu {
     uint8_t estop;
     uint8_t tripped;
     uint8_t configured;
+    uint8_t armed;        /* 0 after an e-stop press or a host Arm(0), until the host's Arm(1) */
+    uint8_t belt_running; /* the belt-run output */
+    uint32_t gate_mask;   /* inputs reported as InputEdge events (GateSetup, PROTOCOL.md §6b); 0 at boot */
     uint32_t config_crc;
     uint16_t watchdog_ms;
     uint16_t report_interval_ms;
@@ -193,9 +204,14 @@ void kz_rx_bytes(kz_mcu_t *m, const uint8_t *data, size_t len, uint64_t now_us, 
  * send periodic reports. Call as often as possible (every main-loop turn). */
 void kz_poll(kz_mcu_t *m, uint64_t now_us, int64_t count);
 
-/* The e-stop input changed (debounced by the board). Pressing flushes the queue and switches outputs off. */
+/* The e-stop input changed (debounced by the board). Pressing flushes the queue, switches outputs and the
+ * belt off and disarms; releasing does not re-arm: only the host's Arm(1) does (PROTOCOL.md §6). */
 void kz_set_estop(kz_mcu_t *m, int active, uint64_t now_us);
 
+/* A digital input (light gate, actuator sensor) changed level (PROTOCOL.md §6b). The board's pin ISR stamps the
+ * edge with the encoder count and the MCU time and queues it; the main loop then calls this (the core is not
+ * re-entrant). Sent as an InputEdge event if `input` (0..31) is in the host's GateSetup mask, else ignored. */
+void kz_input_edge(kz_mcu_t *m, uint8_t input, int rising, int64_t edge_count, uint64_t edge_us, uint64_t now_us);
 /* Lowest on_count in the queue, for an encoder compare ISR; returns 0 if the queue is empty. */
 int kz_next_on_count(const kz_mcu_t *m, int64_t *on_count, uint8_t *diverter);
 

@@ -385,3 +385,52 @@ def test_diverter_tool_refuses_a_real_station_saying_what_it_needs(calibrated, t
     out = capsys.readouterr().out
     assert "light gate at each diverter" in out and "serial protocol" in out and "diverters[].position_mm" in out
     assert (tmp_path / "active.yaml").read_bytes() == before
+
+
+def test_diverter_measurement_goes_through_the_serial_link_gate_events(calibrated, tmp_path, monkeypatch, capsys):
+    """The simulated line is measured like a real station: the gate and actuator-sensor edges reach the tool
+    only as InputEdge events over the pty from the firmware simulator, and the firing as its Fired event."""
+    from calibration import diverters
+    from firmware_bridge.events import FiredEvent, InputEdgeEvent
+
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+    seen: list = []
+    real_poll = diverters.EventWatch.drain
+
+    def drain(self):
+        orig = self.link.poll_events
+
+        def poll():
+            evs = orig()
+            seen.extend(evs)
+            return evs
+        self.link.poll_events = poll
+        try:
+            real_poll(self)
+        finally:
+            self.link.poll_events = orig
+    monkeypatch.setattr(diverters.EventWatch, "drain", drain)
+    assert main(["calibrate", "diverters", "-c", str(cfgp), "--yes", "--diverter", "2", "--repeats", "3"]) == 0
+    gate = [(e.rising, e.count) for e in seen if isinstance(e, InputEdgeEvent) and e.input == 4]
+    sensor = [e for e in seen if isinstance(e, InputEdgeEvent) and e.input == 5 and e.rising]
+    fired = [e for e in seen if isinstance(e, FiredEvent)]
+    assert [r for r, _ in gate] == [True, False] * 3, gate          # blocked, clear: once per pass
+    assert len(sensor) == 3 and len(fired) == 3
+    lat = sorted((s.mcu_time_us - f.mcu_time_us) / 1000 for s, f in zip(sensor, fired))
+    assert all(abs(x - TRUE_LAT[2]) < 2.0 for x in lat), lat
+    d2 = CalibrationStore(tmp_path / "active.yaml", tmp_path / "history").load().diverters.diverters
+    assert [d.id for d in d2] == [2]
+    assert abs(d2[0].position_mm - (TRUE_POS[2] - _x_origin(cfg))) < 2.0
+    assert "MCU-stamped light gate" in CalibrationStore(tmp_path / "active.yaml", tmp_path / "history").load().diverters.method
+
+
+def test_diverter_tool_names_the_gate_input_that_stays_silent(calibrated, tmp_path, capsys):
+    cfg, _ = calibrated
+    cfgp = _station_copy(cfg, tmp_path)
+    before = (tmp_path / "active.yaml").read_bytes()
+    assert main(["calibrate", "diverters", "-c", str(cfgp), "--yes", "--diverter", "1", "--repeats", "3",
+                 "--inputs", "1:12:3"]) == 2
+    out = capsys.readouterr().out
+    assert "diverter 1: no edge from its light gate (input 12)" in out and "--inputs" in out
+    assert (tmp_path / "active.yaml").read_bytes() == before

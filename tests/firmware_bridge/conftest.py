@@ -87,6 +87,23 @@ DIVERTERS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def no_link_outlives_its_test() -> Iterator[None]:
+    """Every test closes every link it opened (before its pty goes away): a link left running would keep
+    re-opening its port after the test, and a pty's number is soon someone else's terminal."""
+    before = {t for t in threading.enumerate() if t.name.startswith("diverter-link ")}
+    yield
+    deadline = time.monotonic() + 3.0
+    while True:
+        left = [t.name for t in threading.enumerate()
+                if t.name.startswith("diverter-link ") and t not in before and t.is_alive()]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"link I/O threads still running after the test: {left}; close() every DiverterLink")
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def manual_env() -> ManualEnvironment:
     return ManualEnvironment()
@@ -198,6 +215,21 @@ class SimMcu:
         self.sync()
         return self.sim.events_pending
 
+    @property
+    def armed(self) -> bool:
+        self.sync()
+        return self.sim.armed
+
+    @property
+    def belt_running(self) -> bool:
+        self.sync()
+        return self.sim.belt_running
+
+    def replug(self) -> str:
+        """Cable pulled and re-plugged: same MCU (no reset), its port on a new pty; returns the new path."""
+        self.slave_path = self.sim.replug()
+        return self.slave_path
+
     def stop(self) -> None:
         self.sim.stop()
 
@@ -261,6 +293,19 @@ class CCoreMcu:
     def events_pending(self) -> int:
         self.sync()
         return self.fw.state()["events_pending"]
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.fw.state()["armed"])
+
+    @property
+    def belt_running(self) -> bool:
+        return bool(self.fw.state()["belt"])
+
+    def replug(self) -> str:
+        """Cable pulled and re-plugged: same MCU (no reset), its port on a new pty; returns the new path."""
+        self.slave_path = self.fw.replug()
+        return self.slave_path
 
     def stop(self) -> None:
         self.fw.stop()

@@ -26,8 +26,11 @@ def test_ping_gives_round_trip_statistics(capsys: pytest.CaptureFixture[str]) ->
 def test_status_reports_hello_and_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["firmware", "status", "--port", "sim", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["protocol"] == 2 and out["firmware"] == "2.0" and not out["configured"]
+    assert out["protocol"] == 3 and out["firmware"] == "3.0" and not out["configured"]
     assert out["status"] is not None and out["status"]["queue_depth"] == 0 and not out["status"]["estop"]
+    assert out["status"]["armed"] and not out["status"]["belt_running"]
+    # the simulated belt runs at the configured speed; `status` measures it from the encoder reports
+    assert out["belt_counts_per_s"] == pytest.approx(5000.0, rel=0.05)  # 500 mm/s at 0.1 mm per count
 
 
 def test_fire_asks_first_and_fires_when_confirmed(monkeypatch: pytest.MonkeyPatch,

@@ -9,8 +9,10 @@ firmware and the reference behaviour (simulator.py, PROTOCOL.md) disagree: that 
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
+
 import pytest
 
 from firmware_bridge import (
@@ -23,6 +25,9 @@ from firmware_bridge import (
     FaultEvent,
     FiredEvent,
     FirmwareSimulator,
+    LinkError,
+    LinkErrorEvent,
+    LinkRestoredEvent,
     NakEvent,
     NakReason,
     ResetEvent,
@@ -30,6 +35,8 @@ from firmware_bridge import (
 from firmware_bridge.framing import Frame, encode_frame
 from firmware_bridge.messages import Configure, FireAt, Identify, MsgType
 from firmware_bridge.native import NativeFirmware
+
+from .conftest import EventLog
 
 MCU_KINDS = ["python-sim", "c-core"]  # the same two as the `mcu` fixture in conftest.py
 DIVERTERS = [
@@ -57,7 +64,7 @@ def wait_until(predicate, timeout: float = 1.0, what: str = "condition") -> None
 def test_handshake_and_configure(linked) -> None:
     mcu, link, log = linked
     assert link.hello is not None and link.hello.boot_id == mcu.boot_id
-    assert link.hello.protocol_version == 2 and link.hello.config_crc == 0
+    assert link.hello.protocol_version == 3 and link.hello.config_crc == 0
     assert not mcu.configured
     link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
     assert mcu.configured
@@ -225,15 +232,15 @@ def test_unknown_diverter(ready) -> None:
 
 def test_unknown_message_type_and_bad_payload_and_bad_version(ready) -> None:
     mcu, link, log = ready
-    link._ser.write(encode_frame(Frame(2, 200, 0x09, b"")))  # no such message
-    ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == 0x09)
+    link._ser.write(encode_frame(Frame(3, 200, 0x0F, b"")))  # no such message
+    ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == 0x0F)
     assert ev.reason == NakReason.UNSUPPORTED
-    link._ser.write(encode_frame(Frame(2, 201, int(MsgType.CANCEL), b"\x01\x02")))  # 2 bytes, needs 4
+    link._ser.write(encode_frame(Frame(3, 201, int(MsgType.CANCEL), b"\x01\x02")))  # 2 bytes, needs 4
     ev = log.wait_for(lambda e: isinstance(e, NakEvent) and e.msg_type == MsgType.CANCEL)
     assert ev.reason == NakReason.BAD_PARAMS
-    link._ser.write(encode_frame(Frame(1, 202, int(MsgType.HEARTBEAT), bytes(8))))  # protocol v1
+    link._ser.write(encode_frame(Frame(2, 202, int(MsgType.HEARTBEAT), bytes(12))))  # protocol v2
     fault = log.wait_for(lambda e: isinstance(e, FaultEvent))
-    assert (fault.code, fault.detail) == (FaultCode.BAD_VERSION, 1)
+    assert (fault.code, fault.detail) == (FaultCode.BAD_VERSION, 2)
 
 
 def test_cancel(ready) -> None:
@@ -375,7 +382,8 @@ def test_watchdog_trip_and_rearm(ready) -> None:
     assert [s.command_id for s in mcu.shots()] == [62]
 
 
-def test_estop_flushes_queue_refuses_fires_and_rearms_on_release(ready) -> None:
+def test_estop_flushes_queue_refuses_fires_and_needs_an_explicit_rearm(ready) -> None:
+    """PROTOCOL.md §6: releasing the e-stop does not re-enable firing; only the host's Arm(1) does."""
     mcu, link, log = ready
     link.fire_at(50, 0, 500, 10)
     link.fire_at(51, 1, 600, 10)
@@ -385,23 +393,183 @@ def test_estop_flushes_queue_refuses_fires_and_rearms_on_release(ready) -> None:
     assert fault.detail == 2
     log.wait_for(nak_for(50, NakReason.ESTOP))
     log.wait_for(nak_for(51, NakReason.ESTOP))
+    assert link.estop_latched
     link.fire_at(52, 0, 700, 10)
     link.fire_now(53, 0, 10)
     assert link.wait_settled(1.0)
     log.wait_for(nak_for(52, NakReason.ESTOP))
     log.wait_for(nak_for(53, NakReason.ESTOP))
+    with pytest.raises(LinkError, match="still pressed"):
+        link.rearm()  # nothing can be re-armed while the input is pressed
     mcu.advance(1000)
     assert mcu.shots() == []
-    # Release: nothing from before fires by itself; the host must send new commands (explicit re-arm).
+    # Released: still refused (NOT_ARMED), and nothing from before fires by itself.
     mcu.set_estop(False)
     wait_until(lambda: link.mcu_status is not None and not link.mcu_status.estop, what="estop released Status")
+    assert not link.mcu_status.armed and not mcu.armed and link.estop_latched
+    link.fire_at(54, 1, mcu.count + 50, 10)
+    link.fire_now(55, 1, 10)
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(54, NakReason.NOT_ARMED))
+    log.wait_for(nak_for(55, NakReason.NOT_ARMED))
     mcu.advance(1000)
     assert mcu.shots() == []
-    link.fire_at(54, 1, mcu.count + 50, 10)
+    # The explicit re-arm (the operator's reset on the station):
+    link.rearm()
+    assert mcu.armed and not link.estop_latched
+    wait_until(lambda: link.mcu_status.armed, what="armed Status")
+    link.fire_at(56, 1, mcu.count + 50, 10)
     assert link.wait_settled(1.0)
-    log.wait_for(ack_for(54))
+    log.wait_for(ack_for(56))
     mcu.advance(100)
-    assert [s.command_id for s in mcu.shots()] == [54]
+    assert [s.command_id for s in mcu.shots()] == [56]
+
+
+def test_host_disarm_is_a_software_estop(ready) -> None:
+    mcu, link, log = ready
+    link.fire_at(57, 1, mcu.count + 500, 10)
+    assert link.wait_settled(1.0)
+    link.disarm()
+    log.wait_for(nak_for(57, NakReason.NOT_ARMED))  # Ended(NOT_ARMED): the queue is flushed
+    assert mcu.queue_depth == 0 and not mcu.armed and link.estop_latched
+    link.fire_now(58, 1, 10)
+    assert link.wait_settled(1.0)
+    log.wait_for(nak_for(58, NakReason.NOT_ARMED))
+    link.rearm()
+    link.fire_now(59, 1, 10)
+    log.wait_for(lambda e: isinstance(e, FiredEvent) and e.command_id == 59)
+    mcu.advance(1000)
+    assert [s.command_id for s in mcu.shots()] == [59]
+
+
+def test_arm_and_belt_run_take_only_0_or_1(ready) -> None:
+    mcu, link, log = ready
+    for msg_type in (MsgType.ARM, MsgType.BELT_RUN):
+        link._ser.write(encode_frame(Frame(3, 210, int(msg_type), b"\x02")))
+        ev = log.wait_for(lambda e, t=msg_type: isinstance(e, NakEvent) and e.msg_type == t)
+        assert ev.reason == NakReason.BAD_PARAMS
+    assert mcu.armed and not mcu.belt_running
+
+
+# ------------------------------------------------------------------------------------------- belt run/stop
+def test_belt_needs_a_configuration_to_run_but_always_stops(linked) -> None:
+    mcu, link, log = linked
+    with pytest.raises(LinkError, match="NOT_CONFIGURED"):
+        link.belt_run(True)
+    link.belt_run(False)  # stopping is the safe direction: always accepted
+    assert not mcu.belt_running
+
+
+def test_belt_run_stop_keeps_the_queue_and_estop_stops_it(ready) -> None:
+    """PROTOCOL.md §5a: the belt-run output; commands stay queued across a stop (scheduled by position)."""
+    mcu, link, log = ready
+    assert not mcu.belt_running  # off at power-on
+    link.belt_run(True)
+    assert mcu.belt_running
+    wait_until(lambda: link.mcu_status is not None and link.mcu_status.belt_running, what="belt running Status")
+    log.wait_for(ack_for(0, MsgType.BELT_RUN))
+    link.fire_at(80, 1, belt_count=mcu.count + 50, pulse_ms=10)
+    assert link.wait_settled(1.0)
+    link.belt_run(False)
+    link.belt_run(False)  # idempotent
+    assert not mcu.belt_running and mcu.queue_depth == 1
+    mcu.advance(0, dt_us=500_000)  # the belt stands: nothing fires, nothing is dropped
+    assert mcu.shots() == [] and mcu.queue_depth == 1
+    link.belt_run(True)
+    mcu.advance(60)
+    assert [(s.command_id, s.on_count) for s in mcu.shots()] == [(80, 70)]
+    # The e-stop stops the belt; it runs again only after the explicit re-arm.
+    mcu.set_estop(True)
+    assert not mcu.belt_running
+    with pytest.raises(LinkError, match="ESTOP"):
+        link.belt_run(True)
+    mcu.set_estop(False)
+    with pytest.raises(LinkError, match="NOT_ARMED"):
+        link.belt_run(True)
+    assert not mcu.belt_running
+    link.rearm()
+    link.belt_run(True)
+    assert mcu.belt_running
+
+
+# ------------------------------------------------------------------------------------------- reconnect
+def _repoint(link_path, target: str) -> None:
+    """Atomically point the stable port name (a udev-style symlink) at ``target``."""
+    tmp = link_path.with_name(link_path.name + ".new")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link_path)
+
+
+def test_port_lost_and_reopened_by_itself_mcu_ran_on(mcu, tmp_path) -> None:
+    """PROTOCOL.md §7: the cable is pulled and plugged back (the MCU runs on, its port re-enumerates at the
+    same stable name). The link re-opens the port with backoff, no reopen() call; the station is told of
+    the loss (with the commands in doubt) and of the recovery; every command then gets its real outcome."""
+    port = tmp_path / "ttyKOZAN"
+    _repoint(port, mcu.slave_path)
+    link = DiverterLink(str(port), reconnect_initial_s=0.05, reconnect_max_s=0.2)
+    try:
+        link.open(timeout=2.0)
+        log = EventLog(link)
+        link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+        mcu.advance(10)
+        mcu.advance(10)
+        link.fire_at(1, 1, belt_count=mcu.count + 100, pulse_ms=10)
+        assert link.wait_settled(1.0)
+        boot = mcu.boot_id
+        new_path = mcu.replug()  # the old pty closes: the host's reads fail
+        lost = log.wait_for(lambda e: isinstance(e, LinkErrorEvent))
+        assert lost.reconnecting and lost.in_doubt_command_ids == (1,)
+        assert not link.connected
+        link.fire_at(2, 1, belt_count=mcu.count + 150, pulse_ms=10)  # accepted while down, sent on reconnect
+        wait_until(lambda: link.health()["reconnect_attempts"] >= 2, what="re-open attempts on the dead name")
+        _repoint(port, new_path)  # the device comes back under its stable name
+        restored = log.wait_for(lambda e: isinstance(e, LinkRestoredEvent), timeout=3.0)
+        assert not restored.mcu_reset and restored.boot_id == boot == mcu.boot_id and restored.reconnects == 1
+        log.wait_for(ack_for(2), timeout=2.0)
+        mcu.advance(200)
+        log.wait_for(lambda e: isinstance(e, FiredEvent) and e.command_id == 2)
+        assert sorted(s.command_id for s in mcu.shots()) == [1, 2]
+        assert link.wait_resolved(2.0)
+        assert not log.of_type(ResetEvent)
+        h = link.health()
+        assert (h["connected"], h["reconnects"], h["disconnects"], h["resets"]) == (True, 1, 1, 0)
+    finally:
+        link.close()
+
+
+def test_port_lost_and_mcu_restarted_is_reconfigured(mcu, tmp_path, request) -> None:
+    """The MCU process restarts on a new pty at the same stable name: a new boot id. The link reports the
+    queued command lost (ResetEvent), re-sends the configuration, then reports the recovery as a reset."""
+    from .conftest import make_mcu
+
+    port = tmp_path / "ttyKOZAN"
+    _repoint(port, mcu.slave_path)
+    link = DiverterLink(str(port), reconnect_initial_s=0.05, reconnect_max_s=0.2)
+    second = None
+    try:
+        link.open(timeout=2.0)
+        log = EventLog(link)
+        link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+        mcu.advance(10)
+        mcu.advance(10)
+        link.fire_at(1, 1, belt_count=mcu.count + 100, pulse_ms=10)
+        assert link.wait_settled(1.0)
+        mcu.stop()
+        lost = log.wait_for(lambda e: isinstance(e, LinkErrorEvent))
+        assert lost.in_doubt_command_ids == (1,)
+        second = make_mcu(mcu.name, request)
+        _repoint(port, second.slave_path)
+        restored = log.wait_for(lambda e: isinstance(e, LinkRestoredEvent), timeout=3.0)
+        assert restored.mcu_reset and restored.boot_id == second.boot_id
+        reset = next(e for e in log.events if isinstance(e, ResetEvent))
+        assert reset.lost_command_ids == (1,) and reset.reconfigure_sent
+        wait_until(lambda: second.configured, what="the new boot reconfigured by itself")
+        assert link.health()["reconnects"] == 1 and link.health()["resets"] == 1
+    finally:
+        link.close()
+        if second is not None:
+            second.stop()
 
 
 def test_mcu_reset_is_detected_and_configuration_restored(ready) -> None:

@@ -6,7 +6,10 @@ Topology (all real pseudo-terminals)::
 
 The proxy corrupts the byte stream in both directions (garbage inserted, bits flipped, bytes dropped,
 duplicated and delayed) and blacks the line out (cable pulled); the driver re-opens the host port
-(``DiverterLink.reopen``), power-cycles the MCU and presses its e-stop mid-run. Hypothesis draws the mix.
+(``DiverterLink.reopen``), pulls the host's cable and plugs it back under the same stable name (the link
+re-opens it by itself, with backoff), power-cycles the MCU and presses its e-stop mid-run (released later;
+firing then needs the link's explicit re-arm, which the driver sends as the operator's reset). Hypothesis
+draws the mix.
 The belt runs at 1000 counts/s in a manual world stepped in lockstep with wall time, so the MCU's watchdog
 sees realistic silences.
 
@@ -21,7 +24,8 @@ the host believes:
     world saw), a Nak or an MCU cancellation (never fired), the Cancel acked (never fired), or lost in an
     MCU reset (never fires after it); a timeout is only ever an interim report. Nothing is left queued;
   * the station is told of every fault: every Fault the MCU raised reaches the host exactly once (a reset
-    takes its unacknowledged ones with it, and the reset itself is told).
+    takes its unacknowledged ones with it, and the reset itself is told); every lost port is told
+    (``LinkErrorEvent``) and so is every recovery (``LinkRestoredEvent``), with no manual re-open.
 
 Fault and outcome counts are summed per implementation and written as JSON to $KOZAN_FAULT_REPORT;
 $KOZAN_FAULT_EXAMPLES (default 8) sets the examples per implementation for a longer soak.
@@ -35,11 +39,13 @@ import json
 import os
 import random
 import select
+import tempfile
 import threading
 import time
 import tty
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,6 +58,8 @@ from firmware_bridge import (
     DiverterSetup,
     FaultEvent,
     FiredEvent,
+    LinkErrorEvent,
+    LinkRestoredEvent,
     NakEvent,
     NakReason,
     ResetEvent,
@@ -93,6 +101,14 @@ class FaultProxy:
         self.mcu_fd = os.open(mcu_slave_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         tty.setraw(self.mcu_fd)
         self.host_master, self.slave_path = open_pty_pair()
+        # The stable name the host opens (a udev symlink, /dev/serial/by-id/...), so a re-plugged cable can
+        # come back on a new pty and the host still finds it.
+        self._dir = tempfile.mkdtemp(prefix="kozan-proxy-")
+        self.port = str(Path(self._dir) / "ttyKOZAN")
+        os.symlink(self.slave_path, self.port)
+        self._replug: float | None = None  # gap (s) of a requested replug, applied by the proxy thread
+        self._repoint_at: float | None = None
+        self._new_path = ""
         self.rng = rng
         self.rates = dict(rates)
         self.counts = counts
@@ -116,11 +132,38 @@ class FaultProxy:
             self._blackout_until = time.monotonic() + seconds
         self.counts["fault_disconnect"] += 1
 
+    def replug(self, gap_s: float) -> None:
+        """Pull the host's cable and plug it back ``gap_s`` later: the host's pty closes at once (its reads
+        fail), a new one appears under the same stable name after the gap. The MCU runs on."""
+        with self._lock:
+            self._replug = gap_s
+        self.counts["fault_replug"] += 1
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2.0)
         os.close(self.mcu_fd)
         close_pty_pair(self.host_master)
+        for name in (self.port, self.port + ".new"):
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+        os.rmdir(self._dir)
+
+    def _apply_replug(self, now: float) -> None:
+        with self._lock:
+            gap, self._replug = self._replug, None
+        if gap is not None:
+            old = self.host_master
+            self.host_master, self._new_path = open_pty_pair()
+            close_pty_pair(old)
+            self._outbox["to_host"].clear()  # bytes on the pulled cable are gone
+            self._repoint_at = now + gap
+        if self._repoint_at is not None and now >= self._repoint_at:
+            os.symlink(self._new_path, self.port + ".new")
+            os.replace(self.port + ".new", self.port)
+            self._repoint_at = None
 
     def _inject(self, direction: str, data: bytes, now: float) -> None:
         with self._lock:
@@ -178,8 +221,9 @@ class FaultProxy:
             box.pop(0)
 
     def _run(self) -> None:
-        fds = {self.mcu_fd: "to_host", self.host_master: "to_mcu"}
         while not self._stop.is_set():
+            self._apply_replug(time.monotonic())
+            fds = {self.mcu_fd: "to_host", self.host_master: "to_mcu"}
             try:
                 ready, _, _ = select.select(list(fds), [], [], 0.001)
             except (OSError, ValueError):
@@ -220,7 +264,8 @@ def scenario() -> st.SearchStrategy[dict[str, Any]]:
         st.integers(1, 40),  # pulse_ms
         st.booleans(),  # cancel it a little later
     )
-    event = st.tuples(st.integers(5, RUN_STEPS - 5), st.sampled_from(["reset", "blackout", "reconnect", "estop"]),
+    event = st.tuples(st.integers(5, RUN_STEPS - 5),
+                      st.sampled_from(["reset", "blackout", "reconnect", "replug", "estop"]),
                       st.floats(0.02, 0.4))
     return st.fixed_dictionaries({
         "seed": st.integers(0, 2**32 - 1),
@@ -228,6 +273,13 @@ def scenario() -> st.SearchStrategy[dict[str, Any]]:
         "commands": st.lists(command, min_size=4, max_size=24),
         "events": st.lists(event, max_size=3),
     })
+
+
+def mcu_estop_pressed(mcu: Any) -> bool:
+    if hasattr(mcu, "sim"):
+        mcu.sync()
+        return bool(mcu.sim._estop)
+    return bool(mcu.fw.state()["estop"])
 
 
 def mcu_faults(mcu: Any) -> int:
@@ -244,8 +296,11 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
     sent: dict[int, Sent] = {}
     faults_told: list[FaultEvent] = []
     resets_told: list[ResetEvent] = []
+    links_lost: list[LinkErrorEvent] = []
+    links_restored: list[LinkRestoredEvent] = []
     reset_counts: list[int] = []  # belt count at each MCU reset
-    link = DiverterLink(proxy.slave_path)
+    replugs = 0
+    link = DiverterLink(proxy.port, reconnect_initial_s=0.02, reconnect_max_s=0.1)
     try:
         link.open(timeout=3.0)
         link.configure(0.5, DIVERTERS, watchdog_ms=250, timeout=3.0)
@@ -266,6 +321,10 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
                 elif isinstance(ev, FaultEvent):
                     faults_told.append(ev)
                     counts[f"host_told_fault_{ev.code.name}"] += 1
+                elif isinstance(ev, LinkErrorEvent):
+                    links_lost.append(ev)
+                elif isinstance(ev, LinkRestoredEvent):
+                    links_restored.append(ev)
                 elif cid is not None and cid in sent:
                     stories.setdefault(cid, Story()).events.append(ev)
 
@@ -290,6 +349,7 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
                 counts["cancels_sent"] += 1
             if step in estop_release:
                 mcu.set_estop(False)
+                link.rearm(timeout=3.0)  # the operator's reset: the explicit re-arm (PROTOCOL.md §6)
             if step in events:
                 kind, arg = events[step]
                 if kind == "reset":
@@ -302,10 +362,17 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
                     counts["fault_estop"] += 1
                     mcu.set_estop(True)
                     estop_release.add(min(RUN_STEPS - 1, step + max(1, int(arg * 1e6 / STEP_US))))
+                elif kind == "replug":  # the cable: the link must find the port again by itself
+                    replugs += 1
+                    proxy.replug(arg)
                 else:  # close the host port and open it again, as after a USB re-enumeration
                     counts["fault_port_reconnect"] += 1
                     drain()
                     time.sleep(min(arg, 0.1))
+                    deadline = time.monotonic() + 3.0
+                    while not link.connected:  # a replug still being recovered from: let it finish
+                        assert time.monotonic() < deadline, f"link not restored: {link.health()}"
+                        time.sleep(0.01)
                     link.reopen(timeout=3.0)
             mcu.advance(STEP_COUNTS, STEP_US)
             drain()
@@ -315,7 +382,9 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
                 time.sleep(delay)
             else:
                 t_next = time.monotonic()
-        mcu.set_estop(False)
+        if mcu_estop_pressed(mcu):
+            mcu.set_estop(False)
+            link.rearm(timeout=3.0)
 
         # Settle on a clean line: every command's count passes, every answer and event arrives.
         proxy.set_rates({k: 0.0 for k in FAULT_KINDS})
@@ -359,6 +428,12 @@ def run_campaign(mcu: Any, plan: dict[str, Any], counts: Counter[str]) -> None:
     else:
         assert 1 <= len(resets_told) <= len(reset_counts), f"{len(reset_counts)} resets, told {resets_told}"
     counts["host_told_resets"] += len(resets_told)
+    # Every lost port is told, and every loss is followed by its recovery, without a manual re-open.
+    assert len(links_lost) <= replugs and (replugs == 0 or links_lost), (replugs, links_lost)
+    assert len(links_restored) == len(links_lost), (links_lost, links_restored)
+    assert health["reconnects"] == len(links_restored) and health["connected"]
+    counts["host_told_link_lost"] += len(links_lost)
+    counts["host_told_link_restored"] += len(links_restored)
 
 
 def judge(shots: list[Any], sent: dict[int, Sent], stories: dict[int, Story], final_queue: int,
@@ -453,6 +528,7 @@ def summary() -> str:
             + f"; wrong fires {c['wrong_fire']}, duplicate fires {c['duplicate_fire']}, late fires "
             f"{c['late_fire']}, outcomes unknown {c['outcome_unknown']}, wrong {c['outcome_wrong']}; "
             f"MCU faults {c['mcu_faults_raised']}, told {sum(v for k, v in c.items() if k.startswith('host_told_fault_'))}"
+            f"; ports lost {c['host_told_link_lost']}, restored by themselves {c['host_told_link_restored']}"
         )
     return "\n".join(lines)
 

@@ -300,3 +300,34 @@ def test_configure_is_validated_on_the_host(sim_link) -> None:
         link.configure(0.0, [DiverterSetup(0, 0, 10)])
     with pytest.raises(ValueError, match="unique"):
         link.configure(0.5, [DiverterSetup(0, 0, 10), DiverterSetup(0, 0, 10)])
+
+
+def test_without_reconnect_the_link_stays_down_until_reopen(manual_env) -> None:
+    """``reconnect=False`` keeps the old contract: the station is told, and the link waits for reopen()."""
+    from firmware_bridge import LinkErrorEvent
+
+    from .conftest import EventLog
+
+    sim = FirmwareSimulator.on_new_pty(manual_env)
+    sim.start()
+    assert sim.slave_path is not None
+    link = DiverterLink(sim.slave_path, reconnect=False)
+    try:
+        link.open(timeout=2.0)
+        log = EventLog(link)
+        new_path = sim.replug()
+        lost = log.wait_for(lambda e: isinstance(e, LinkErrorEvent))
+        assert not lost.reconnecting and lost.in_doubt_command_ids == ()
+        deadline = time.monotonic() + 1.0
+        while link._thread is not None and link._thread.is_alive():
+            assert time.monotonic() < deadline, "the I/O thread kept running without reconnect"
+            time.sleep(0.01)
+        with pytest.raises(LinkError, match="close\\(\\) and open\\(\\)"):
+            link.fire_at(1, 0, 100, 10)
+        link.url = new_path
+        assert link.reopen(timeout=2.0).boot_id == sim.boot_id
+        h = link.health()
+        assert (h["connected"], h["disconnects"], h["reconnects"]) == (True, 1, 0)
+    finally:
+        link.close()
+        sim.stop()

@@ -9,6 +9,8 @@ from firmware_bridge.framing import Frame, FrameDecoder
 from firmware_bridge.messages import (
     MAX_DIVERTERS,
     Ack,
+    Arm,
+    BeltRun,
     Cancel,
     Configure,
     DiverterSetup,
@@ -63,7 +65,9 @@ messages = st.one_of(
     st.builds(EncoderReport, count=i64, mcu_time_us=u64),
     st.builds(Fault, boot_id=u32, event_seq=u32, code=st.sampled_from(FaultCode), detail=u32),
     st.builds(Status, queue_depth=u8, estop=st.booleans(), configured=st.booleans(), watchdog_tripped=st.booleans(),
-              events_pending=u8, events_dropped=u16),
+              events_pending=u8, events_dropped=u16, armed=st.booleans(), belt_running=st.booleans()),
+    st.builds(BeltRun, run=u8),
+    st.builds(Arm, arm=u8),
 )
 
 
@@ -81,20 +85,20 @@ def test_payload_round_trip(msg) -> None:
 
 def test_unknown_type_is_a_clear_error() -> None:
     with pytest.raises(UnknownMessageType, match="unknown message type 0x7f"):
-        decode_message(Frame(2, 3, 0x7F, b""))
+        decode_message(Frame(3, 3, 0x7F, b""))
 
 
 def test_wrong_version_is_refused() -> None:
-    with pytest.raises(ProtocolVersionMismatch, match="protocol version 1, this side speaks 2"):
-        decode_message(Frame(1, 0, 0x05, bytes(8)))
+    with pytest.raises(ProtocolVersionMismatch, match="protocol version 2, this side speaks 3"):
+        decode_message(Frame(2, 0, 0x05, bytes(12)))
 
 
 def test_wrong_payload_length_is_refused() -> None:
     with pytest.raises(ProtocolError, match="must be 15 bytes"):
-        decode_message(Frame(2, 0, 0x02, bytes(14)))
+        decode_message(Frame(3, 0, 0x02, bytes(14)))
     with pytest.raises(ProtocolError, match="announces 2 diverters"):
         head = Configure(1.0, ()).encode_payload()  # 9 bytes, last one is the diverter count
-        decode_message(Frame(2, 0, 0x01, head[:-1] + b"\x02"))
+        decode_message(Frame(3, 0, 0x01, head[:-1] + b"\x02"))
 
 
 def test_unknown_enum_value_is_refused() -> None:

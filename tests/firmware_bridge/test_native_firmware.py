@@ -133,7 +133,7 @@ def test_serves_a_pty_master_passed_by_fd(c_core_binary) -> None:
     try:
         with DiverterLink(slave_path) as link:
             link.configure(0.5, DIVERTERS)
-            assert link.hello is not None and link.hello.protocol_version == 2
+            assert link.hello is not None and link.hello.protocol_version == 3
             time.sleep(0.2)
             assert link.belt_clock.counts_per_s == pytest.approx(1000.0, rel=0.05)
     finally:

@@ -26,6 +26,7 @@ extern "C" {
 static const uint8_t PIN_ENC_A = 2;
 static const uint8_t PIN_ENC_B = 3;
 static const uint8_t PIN_ESTOP = 4;
+static const uint8_t PIN_BELT = 9; /* belt-run output (BeltRun): active high into the motor starter's run input */
 static const uint32_t BAUD = 250000; /* ignored by USB-CDC, used if you switch to Serial1 (UART) */
 
 /* Diverter id (as configured by the host) -> GPIO pin. An id with no pin here cannot switch anything:
@@ -39,6 +40,18 @@ static const OutputPin OUTPUT_PINS[] = {
 };
 static const size_t N_OUTPUT_PINS = sizeof(OUTPUT_PINS) / sizeof(OUTPUT_PINS[0]);
 
+/* Digital input id (InputEdge, PROTOCOL.md §6b) -> GPIO pin: light gates and actuator sensors (open-collector
+ * / PNP via an opto, INPUT_PULLUP; a blocked beam reads LOW and is reported as rising = 1). The station's
+ * convention: diverter d's belt gate is input 2d, its actuator sensor 2d + 1 (`kozan calibrate diverters`). */
+struct InputPin {
+    uint8_t input;
+    uint8_t pin;
+};
+static const InputPin INPUT_PINS[] = {
+    {0, 5}, {1, 6}, {2, 7}, {3, 8}, {4, 18}, {5, 19}, {6, 20}, {7, 21}, {8, 22}, {9, 26}, /* diverters 0-4 */
+};
+static const size_t N_INPUT_PINS = sizeof(INPUT_PINS) / sizeof(INPUT_PINS[0]);
+
 /* ------------------------------------------------------------------ state shared with ISRs */
 static volatile int64_t g_count = 0;
 static volatile uint8_t g_enc_state = 0;
@@ -47,6 +60,17 @@ static volatile int64_t g_armed_on_count = 0;
 static volatile int8_t g_armed_pin = -1;
 static volatile bool g_isr_fired = false;
 static volatile int64_t g_isr_fired_count = 0;
+
+/* Input edges stamped in the pin ISR (count and time at the edge), handed to the core by the main loop. */
+struct EdgeRec {
+    uint8_t input;
+    uint8_t rising;
+    int64_t count;
+    uint64_t t_us;
+};
+static const uint8_t EDGE_RING = 32;
+static volatile EdgeRec g_edges[EDGE_RING];
+static volatile uint8_t g_edge_head = 0, g_edge_len = 0;
 
 static kz_mcu_t g_mcu;
 static bool g_estop_level = false;
@@ -75,6 +99,17 @@ static void encoder_isr() {
     }
 }
 
+static void gate_isr(void *param) {
+    size_t i = (size_t)(uintptr_t)param;
+    if (g_edge_len >= EDGE_RING) return; /* a chattering input: drop rather than overwrite */
+    volatile EdgeRec &r = g_edges[(uint8_t)((g_edge_head + g_edge_len) % EDGE_RING)];
+    r.input = INPUT_PINS[i].input;
+    r.rising = gpio_get(INPUT_PINS[i].pin) ? 0 : 1; /* LOW = beam blocked / sensor active */
+    r.count = g_count;
+    r.t_us = time_us_64();
+    g_edge_len++;
+}
+
 static int64_t read_count() {
     noInterrupts();
     int64_t c = g_count;
@@ -98,7 +133,12 @@ static void hal_output(void *ctx, uint8_t diverter, int on, int64_t on_count, ui
     if (pin >= 0) gpio_put((uint)pin, on ? 1 : 0);
 }
 
-static const kz_hal_t HAL = {NULL, hal_write, hal_output};
+static void hal_belt(void *ctx, int run) {
+    (void)ctx;
+    gpio_put(PIN_BELT, run ? 1 : 0);
+}
+
+static const kz_hal_t HAL = {NULL, hal_write, hal_output, hal_belt};
 
 static void all_pins_off() {
     for (size_t i = 0; i < N_OUTPUT_PINS; i++) {
@@ -123,6 +163,7 @@ static void poll_estop(uint64_t now_us) {
             g_armed = false;
             interrupts();
             all_pins_off();
+            gpio_put(PIN_BELT, 0);
         }
         kz_set_estop(&g_mcu, level, now_us);
     }
@@ -130,6 +171,9 @@ static void poll_estop(uint64_t now_us) {
 
 void setup() {
     all_pins_off();
+    gpio_init(PIN_BELT); /* belt stopped until the host's BeltRun(1) */
+    gpio_set_dir(PIN_BELT, GPIO_OUT);
+    gpio_put(PIN_BELT, 0);
     pinMode(PIN_ENC_A, INPUT_PULLUP);
     pinMode(PIN_ENC_B, INPUT_PULLUP);
     pinMode(PIN_ESTOP, INPUT_PULLUP);
@@ -137,6 +181,10 @@ void setup() {
     g_enc_state = (uint8_t)((gpio_get(PIN_ENC_A) ? 2 : 0) | (gpio_get(PIN_ENC_B) ? 1 : 0));
     attachInterrupt(digitalPinToInterrupt(PIN_ENC_A), encoder_isr, CHANGE);
     attachInterrupt(digitalPinToInterrupt(PIN_ENC_B), encoder_isr, CHANGE);
+    for (size_t i = 0; i < N_INPUT_PINS; i++) {
+        pinMode(INPUT_PINS[i].pin, INPUT_PULLUP);
+        attachInterruptParam(digitalPinToInterrupt(INPUT_PINS[i].pin), gate_isr, CHANGE, (void *)(uintptr_t)i);
+    }
     g_estop_level = g_estop_candidate = digitalRead(PIN_ESTOP) == HIGH;
     uint32_t boot_id = rp2040.hwrand32();
     kz_init(&g_mcu, &HAL, boot_id ? boot_id : 1u, time_us_64(), g_estop_level);
@@ -162,6 +210,24 @@ void loop() {
     int64_t count = read_count();
     if (isr_fired && isr_count > count) count = isr_count; /* encoder jitter backwards: still fire it */
     kz_poll(&g_mcu, now, count);
+
+    /* 2a. Input edges the pin ISR stamped (InputEdge events, if the host's GateSetup asks for them). */
+    for (;;) {
+        noInterrupts();
+        if (g_edge_len == 0) {
+            interrupts();
+            break;
+        }
+        EdgeRec e;
+        e.input = g_edges[g_edge_head].input;
+        e.rising = g_edges[g_edge_head].rising;
+        e.count = g_edges[g_edge_head].count;
+        e.t_us = g_edges[g_edge_head].t_us;
+        g_edge_head = (uint8_t)((g_edge_head + 1) % EDGE_RING);
+        g_edge_len--;
+        interrupts();
+        kz_input_edge(&g_mcu, e.input, e.rising, e.count, e.t_us, now);
+    }
 
     /* 3. Host bytes. */
     int avail = Serial.available();
