@@ -361,14 +361,7 @@ class DiverterLink:
             if t.is_alive():
                 log.error("diverter link %s: I/O thread did not stop within 5 s", self.url)
         self._thread = None
-        with self._tx_lock:
-            ser, self._ser = self._ser, None
-            self._restoring = False
-        if ser is not None:
-            try:
-                ser.close()
-            except Exception:  # closing a dead port must not mask the reason we are closing
-                log.debug("error closing %s", self.url, exc_info=True)
+        self._detach_port()
 
     def __enter__(self) -> DiverterLink:
         self.open()
@@ -759,17 +752,21 @@ class DiverterLink:
             return False
         return True
 
-    def _on_port_lost(self, why: str, reconnecting: bool) -> None:
-        """Tell the station at once, naming every command whose outcome is now in doubt."""
-        self._down_since = time.monotonic()  # first: a request failing to send now knows the port is going
+    def _detach_port(self) -> None:
+        """Take the port away from the link (no write can reach it after this) and close it."""
         with self._tx_lock:
             ser, self._ser = self._ser, None
             self._restoring = False
         if ser is not None:
             try:
                 ser.close()
-            except Exception:
+            except Exception:  # closing a dead port must not mask the reason we are closing
                 log.debug("error closing %s", self.url, exc_info=True)
+
+    def _on_port_lost(self, why: str, reconnecting: bool) -> None:
+        """Tell the station at once, naming every command whose outcome is now in doubt."""
+        self._down_since = time.monotonic()  # first: a request failing to send now knows the port is going
+        self._detach_port()
         self._io_error = why
         self._disconnects += 1
         self._boot_at_loss = self._boot_id
