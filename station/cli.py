@@ -15,8 +15,8 @@ import signal
 import sys
 import time
 
-from station.cli_model import add_model_commands
 from calibration.store import CalibrationError
+from station.cli_model import add_model_commands
 from station.config import ConfigError, dump_defaults, load_config
 
 
