@@ -501,21 +501,27 @@ def _repoint(link_path, target: str) -> None:
     os.replace(tmp, link_path)
 
 
+def _configured_with_one_command_queued(link: DiverterLink, port, mcu) -> EventLog:
+    """The link on the MCU's stable name (a symlink, as a udev rule gives), configured, command 1 acked."""
+    _repoint(port, mcu.slave_path)
+    link.open(timeout=2.0)
+    log = EventLog(link)
+    link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
+    mcu.advance(10)
+    mcu.advance(10)
+    link.fire_at(1, 1, belt_count=mcu.count + 100, pulse_ms=10)
+    assert link.wait_settled(1.0)
+    return log
+
+
 def test_port_lost_and_reopened_by_itself_mcu_ran_on(mcu, tmp_path) -> None:
     """PROTOCOL.md §7: the cable is pulled and plugged back (the MCU runs on, its port re-enumerates at the
     same stable name). The link re-opens the port with backoff, no reopen() call; the station is told of
     the loss (with the commands in doubt) and of the recovery; every command then gets its real outcome."""
     port = tmp_path / "ttyKOZAN"
-    _repoint(port, mcu.slave_path)
     link = DiverterLink(str(port), reconnect_initial_s=0.05, reconnect_max_s=0.2)
     try:
-        link.open(timeout=2.0)
-        log = EventLog(link)
-        link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
-        mcu.advance(10)
-        mcu.advance(10)
-        link.fire_at(1, 1, belt_count=mcu.count + 100, pulse_ms=10)
-        assert link.wait_settled(1.0)
+        log = _configured_with_one_command_queued(link, port, mcu)
         boot = mcu.boot_id
         new_path = mcu.replug()  # the old pty closes: the host's reads fail
         lost = log.wait_for(lambda e: isinstance(e, LinkErrorEvent))
@@ -544,17 +550,10 @@ def test_port_lost_and_mcu_restarted_is_reconfigured(mcu, tmp_path, request) -> 
     from .conftest import make_mcu
 
     port = tmp_path / "ttyKOZAN"
-    _repoint(port, mcu.slave_path)
     link = DiverterLink(str(port), reconnect_initial_s=0.05, reconnect_max_s=0.2)
     second = None
     try:
-        link.open(timeout=2.0)
-        log = EventLog(link)
-        link.configure(0.5, DIVERTERS, watchdog_ms=60_000)
-        mcu.advance(10)
-        mcu.advance(10)
-        link.fire_at(1, 1, belt_count=mcu.count + 100, pulse_ms=10)
-        assert link.wait_settled(1.0)
+        log = _configured_with_one_command_queued(link, port, mcu)
         mcu.stop()
         lost = log.wait_for(lambda e: isinstance(e, LinkErrorEvent))
         assert lost.in_doubt_command_ids == (1,)
