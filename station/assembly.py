@@ -40,20 +40,25 @@ def build_detector(cfg: StationConfig):
                     threads=d.intra_op_threads, max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
 
 
-def build_inspector(cfg: StationConfig, threaded: bool):
-    """The board inspector's looks (station.looks: on a worker thread in real time), or None where
-    the config names no inspector: the station then relies on the detector's view."""
+def build_looks(cfg: StationConfig, threaded: bool):
+    """The inspectors' looks (station.looks: on a worker thread in real time), or None where the
+    config names neither inspector: the station then relies on the detector's view alone."""
     ic = cfg.inspector
-    if ic.model is None:
+    if ic.model is None and ic.battery_model is None:
         return None
     from station.looks import InlineLooks, ThreadedLooks
-    from vision.inspection import BoardInspector
+    from vision.inspection import BatteryInspector, BoardInspector
     from vision.taxonomy import load_taxonomy
 
-    batteries = {c.name for c in load_taxonomy().classes if c.is_battery}
-    insp = BoardInspector(cfg.resolve(ic.model), batteries, conf=ic.conf_threshold,
-                          min_inside=cfg.rules.attached_overlap, threads=ic.intra_op_threads)
-    return ThreadedLooks(insp) if threaded else InlineLooks(insp)
+    inspectors: dict[str, Any] = {}
+    if ic.model is not None:
+        batteries = {c.name for c in load_taxonomy().classes if c.is_battery}
+        inspectors["board"] = BoardInspector(cfg.resolve(ic.model), batteries, conf=ic.conf_threshold,
+                                             min_inside=cfg.rules.attached_overlap, threads=ic.intra_op_threads)
+    if ic.battery_model is not None:
+        inspectors["battery"] = BatteryInspector(cfg.resolve(ic.battery_model), conf=ic.battery_conf_threshold,
+                                                 threads=ic.intra_op_threads)
+    return ThreadedLooks(inspectors) if threaded else InlineLooks(inspectors)
 
 
 @dataclass

@@ -63,6 +63,17 @@ def cmd_dataset_board_crops(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_battery_crops(a: argparse.Namespace) -> int:
+    from vision.battery_crops import write_battery_crops
+
+    m = write_battery_crops(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, test_scenes=a.test_n,
+                            jitter=a.jitter, line_look=a.line_look, workers=a.workers,
+                            progress=_progress("battery crops"))
+    print(json.dumps({k: m[k] for k in ("scenes", "test_scenes", "fingerprint", "crops_centred_on")}
+                     | {"out": str(a.out)}, indent=1))
+    return 0
+
+
 def cmd_model_train(a: argparse.Namespace) -> int:
     from vision.training import TrainExtraMissing, TrainRecipe, train
 
@@ -70,7 +81,8 @@ def cmd_model_train(a: argparse.Namespace) -> int:
         run = train(TrainRecipe(data=Path(a.data), model=a.model, imgsz=a.imgsz, epochs=a.epochs, batch=a.batch,
                                 workers=a.workers, threads=a.threads, name=a.name, resume=a.resume,
                                 project=Path(a.project), lr0=a.lr0, warmup_epochs=a.warmup_epochs,
-                                close_mosaic=a.close_mosaic, hours=a.hours, freeze=a.freeze, nbs=a.nbs))
+                                close_mosaic=a.close_mosaic, hours=a.hours, freeze=a.freeze, nbs=a.nbs,
+                                scale=a.scale))
     except TrainExtraMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -169,6 +181,16 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--jitter", type=float, default=0.03,
                    help="s.d. of each crop edge's error, as a share of the board's size (a detector's box error)")
     s.set_defaults(func=cmd_dataset_board_crops)
+    s = dsub.add_parser("battery-crops", help="close crops of loose batteries from rendered scenes, for the "
+                                              "battery inspector (--n counts scenes)")
+    _generated_set_args(s, "scenes", 0.1)
+    s.add_argument("--test-n", type=int, default=0, help="held-out test scenes (other seed, shifted settings)")
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--line-look", type=float, default=0.5,
+                   help="share of scenes under a station's fixed plain look (the rest fully randomised)")
+    s.add_argument("--jitter", type=float, default=0.08,
+                   help="s.d. of each crop edge's error, as a share of the item's size (a far-view box's error)")
+    s.set_defaults(func=cmd_dataset_battery_crops)
 
     md = sub.add_parser("model", help="train and export detectors (needs the 'train' extra)")
     msub = md.add_subparsers(dest="model_cmd", required=True)
@@ -184,6 +206,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--project", default=str(REPO_ROOT / "runs" / "train"))
     t.add_argument("--resume", action="store_true", help="resume the run's last checkpoint")
     t.add_argument("--lr0", type=float, default=None, help="initial learning rate (SGD); default: ultralytics' choice")
+    t.add_argument("--scale", type=float, default=0.3,
+                   help="random zoom, ± this share (default 0.3); near 0 for a model that reads sizes in pixels")
     t.add_argument("--warmup-epochs", type=float, default=3.0, help="0 when fine-tuning trained weights")
     t.add_argument("--close-mosaic", type=int, default=2, help="last epochs trained without mosaic "
                    "(= --epochs for none: mosaic shrinks a line frame's small cells further)")

@@ -99,16 +99,25 @@ class DetectorConfig(_Section):
 
 
 class InspectorConfig(_Section):
-    """The board inspector: a closer look at each board for a battery still on it (vision.inspection)."""
+    """Closer looks from the full-resolution frame (vision.inspection): at each board, for a battery
+    still on it; at each loose battery, for what kind it is."""
     model: str | None = Field("models/inspector/insp-v1.onnx",
                               description="ONNX model trained on board crops (relative to the repo root); "
                                           "null: no second look, the detector's own view decides")
     conf_threshold: float = Field(0.5, ge=0, le=1, description="score a battery box on a board needs to count")
     looks: int = Field(3, ge=1, le=20, description="most crops inspected per board before its decision")
-    spacing_mm: float = Field(60.0, ge=0, description="belt travel between two looks at the same board")
+    spacing_mm: float = Field(60.0, ge=0, description="belt travel between two looks at the same item")
     min_hits: int = Field(1, ge=1, le=20, description="looks that must find a battery for the board to go to manual")
     intra_op_threads: int = Field(1, ge=1, le=64, description="its looks run beside the detector's 2 threads: "
                                   "on 2 cores, 2 more made the loop drop 23 of 900 frames, 1 none (kozan run, 30 s)")
+    battery_model: str | None = Field("models/inspector/batt-v1.onnx",
+                                      description="ONNX model trained on close crops of loose batteries: reads "
+                                                  "what kind each battery is at full camera resolution; null: "
+                                                  "the detector's view alone decides")
+    battery_conf_threshold: float = Field(0.25, ge=0, le=1, description="score a battery read close up needs to count")
+    battery_looks: int = Field(3, ge=1, le=20, description="most crops read per battery before its decision")
+    battery_weight: float = Field(0.5, ge=0, le=1, description="share of the close looks in the scores a battery is "
+                                  "sorted on (the rest: the detector's views); 0 records the looks but ignores them")
 
     @model_validator(mode="after")
     def _hits_within_looks(self) -> "InspectorConfig":

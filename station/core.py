@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+import numpy as np
+
 from calibration.geometry import BeltGeometry
 from station.alarms import AlarmBoard, Severity
 from station.config import MANUAL_BIN, StationConfig
@@ -43,11 +45,14 @@ class DetectorLike(Protocol):
 
 
 class LooksLike(Protocol):
-    """Runs the board inspector's looks (station.looks)."""
+    """Runs the inspectors' looks (station.looks)."""
 
-    def busy(self) -> bool: ...
-    def submit(self, track_id: int, image: Any, box: Any) -> None: ...
-    def take(self) -> list[tuple[int, bool | None]]: ...
+    kinds: set[str]
+    inspectors: dict[str, Any]         # kind -> inspector (its `names`: the classes its answers index)
+
+    def busy(self, kind: str) -> bool: ...
+    def submit(self, kind: str, track_id: int, image: Any, box: Any) -> None: ...
+    def take(self) -> list[tuple[str, int, Any]]: ...
 
 
 @dataclass
@@ -73,12 +78,14 @@ class Counters:
     naks: Counter = field(default_factory=Counter)
     lost_tracks: int = 0                                        # undecided tracks dropped (flicker)
     board_looks: int = 0                                        # board crops the inspector looked at
+    battery_looks: int = 0                                      # battery crops the inspector read
 
     def as_dict(self) -> dict[str, Any]:
         return {"frames": self.frames, "decided": self.decided, "per_bin": dict(self.per_bin),
                 "per_class": dict(self.per_class), "reasons": dict(self.reasons), "sent": self.sent,
                 "acked": self.acked, "fired": self.fired, "missed": self.missed, "naks": dict(self.naks),
-                "lost_tracks": self.lost_tracks, "board_looks": self.board_looks}
+                "lost_tracks": self.lost_tracks, "board_looks": self.board_looks,
+                "battery_looks": self.battery_looks}
 
 
 def command_id_base(wall_s: float | None = None) -> int:
@@ -123,6 +130,11 @@ class StationCore:
         self.sorter = Sorter(cfg, taxonomy, names, geometry)
         self.inspector = inspector
         self._board_ids = set(self.tracker.board_ids.tolist())
+        self._battery_ids = set(self.tracker.battery_ids.tolist())
+        # the battery inspector's class ids, in the detector's (-1: a class the detector lacks)
+        insp = inspector.inspectors.get("battery") if inspector is not None else None
+        self._look_class = np.array([names.index(n) if n in names else -1 for n in insp.names]
+                                    if insp is not None else [], np.int64)
         self.counters = Counters()
         self._next_command = first_command_id
         self._command_track: dict[int, int] = {}
@@ -151,7 +163,7 @@ class StationCore:
         t = frame.t_ns / 1e9
         seen = self.tracker.update(det, c, t, frame.image.shape[1])
         if self.inspector is not None:
-            self._inspect_boards(seen, frame, c)
+            self._schedule_looks(seen, frame, c)
         decisions = []
         for tr in self.tracker.due_for_decision(c, self.cfg.line.decision_line_mm):
             tr.decided = True
@@ -169,46 +181,71 @@ class StationCore:
             self.capture.on_frame(res, {d.track_id: o for d, o in self.recent[-len(decisions):]})
         return res
 
-    def _inspect_boards(self, seen: list[Track], frame: Frame, count: int) -> None:
-        """A closer look at one board in view before its decision (vision.inspection: why).
+    def _schedule_looks(self, seen: list[Track], frame: Frame, count: int) -> None:
+        """Closer looks (vision.inspection: why) at the items in view before their decision.
 
-        A board is looked at while it lies wholly in the image, at most `looks` times, `spacing_mm`
-        of belt apart: looks at the same place see the same pixels and add cost, not evidence.
-        One look at a time bounds what the looks cost (station.looks: where they run); the board
-        nearest the decision line goes first, as it has the fewest frames left.
+        An item is looked at while it lies wholly in the image, at most `looks` times per kind,
+        `spacing_mm` of belt apart: looks at the same place see the same pixels and add cost, not
+        evidence. One look of each kind at a time bounds what the looks cost; the item nearest
+        the decision line goes first, as it has the fewest frames left. A board gets a board look
+        (is a battery on it?), an item the detector takes for a battery a battery look (what kind?).
         """
         self._apply_looks()
-        if self.inspector.busy():
-            return
         ic = self.cfg.inspector
         spacing = ic.spacing_mm / self.geom.mm_per_count
-        due = [tr for tr in seen
-               if not tr.decided and tr.looks + tr.look_pending < ic.looks and tr.last_box_whole
-               and tr.last_box is not None and tr.best_class in self._board_ids
-               and (tr.last_look_count is None or abs(count - tr.last_look_count) >= spacing)]
-        if not due:
-            return
-        tr = max(due, key=lambda t_: t_.x_at(count, self.geom))
-        tr.last_look_count = count
-        tr.look_pending += 1
-        self.inspector.submit(tr.id, frame.image, tr.last_box)
-        self._apply_looks()          # made inline (virtual time): it counts for this frame's decisions
+        kinds = [k for k in ("board", "battery") if k in self.inspector.kinds]
+        for kind in kinds:
+            if self.inspector.busy(kind):
+                continue
+            if kind == "board":
+                due = [tr for tr in seen if tr.best_class in self._board_ids and tr.looks + tr.look_pending < ic.looks
+                       and (tr.last_look_count is None or abs(count - tr.last_look_count) >= spacing)]
+            else:
+                due = [tr for tr in seen if tr.best_class in self._battery_ids
+                       and tr.battery_looks + tr.battery_look_pending < ic.battery_looks
+                       and (tr.last_battery_look_count is None or abs(count - tr.last_battery_look_count) >= spacing)]
+            due = [tr for tr in due if not tr.decided and tr.last_box_whole and tr.last_box is not None]
+            if not due:
+                continue
+            tr = max(due, key=lambda t_: t_.x_at(count, self.geom))
+            if kind == "board":
+                tr.last_look_count = count
+                tr.look_pending += 1
+            else:
+                tr.last_battery_look_count = count
+                tr.battery_look_pending += 1
+            self.inspector.submit(kind, tr.id, frame.image, tr.last_box)
+        self._apply_looks()          # made inline (virtual time): they count for this frame's decisions
 
     def _apply_looks(self) -> None:
-        for tid, found in self.inspector.take():
+        for kind, tid, answer in self.inspector.take():
             tr = self.tracker.tracks.get(tid)
             if tr is None:           # left the view while its look was made
                 continue
-            tr.look_pending -= 1
-            if found is None:
-                self.alarms.raise_("inspector_failed", Severity.WARNING,
-                                   f"the board inspector could not look at item {tid}: the detector's own view "
-                                   "decides whether a battery is on it (see the station log)", item_id=tid,
-                                   params={"item": tid})
+            if kind == "board":
+                tr.look_pending -= 1
+            else:
+                tr.battery_look_pending -= 1
+            if answer is None:
+                code, what = (("inspector_failed", "whether a battery is on it") if kind == "board"
+                              else ("battery_inspector_failed", "what kind of battery it is"))
+                self.alarms.raise_(code, Severity.WARNING,
+                                   f"the {kind} inspector could not look at item {tid}: the detector's own view "
+                                   f"decides {what} (see the station log)", item_id=tid, params={"item": tid})
                 continue
-            tr.looks += 1
-            tr.look_hits += found
-            self.counters.board_looks += 1
+            if kind == "board":
+                tr.looks += 1
+                tr.look_hits += bool(answer.found)
+                self.counters.board_looks += 1
+            else:
+                if tr.battery_look_votes is None:
+                    tr.battery_look_votes = np.zeros(len(self.detector.names), np.float64)
+                tr.battery_looks += 1
+                if answer.class_id is not None:
+                    k = self._look_class[answer.class_id]
+                    if k >= 0:
+                        tr.battery_look_votes[k] += answer.score
+                self.counters.battery_looks += 1
 
     # ---- hot-swap: a validated model takes over between two frames ------------------------------
     def offer_detector(self, detector: DetectorLike, version: str) -> None:

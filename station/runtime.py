@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from station.alarms import AlarmBoard, Severity
-from station.assembly import build_detector, build_inspector, geometry_from_config, open_link
+from station.assembly import build_detector, build_looks, geometry_from_config, open_link
 from station.clock import MonotonicClock
 from station.config import StationConfig
 from station.core import FrameResult, StationCore, command_id_base
@@ -119,7 +119,7 @@ class Station:
                                     geometry_from_config(cfg), self.clock.now,
                                     counts_per_s=lambda: bc.counts_per_s if bc.ready else cps_cfg,
                                     model_version=self.detector.info.version, alarms=self.alarms,
-                                    first_command_id=command_id_base(), inspector=build_inspector(cfg, threaded=True))
+                                    first_command_id=command_id_base(), inspector=build_looks(cfg, threaded=True))
             self.on_frame: Callable[[FrameResult], None] | None = None   # the HMI's hook; must not block
             from station.capture import open_capture
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from station.alarms import AlarmBoard
-from station.assembly import build_detector, build_inspector, geometry_from_config, open_link
+from station.assembly import build_detector, build_looks, geometry_from_config, open_link
 from station.clock import VirtualClock
 from station.config import StationConfig
 from station.core import StationCore
@@ -72,7 +72,7 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
         cps = cfg.line.belt_speed_mm_s / cfg.line.mm_per_count
         core = StationCore(station_cfg, det, link, records, load_taxonomy(), geometry_from_config(station_cfg),
                            clock.now, counts_per_s=lambda: cps, model_version=det.info.version, alarms=AlarmBoard(clock.now),
-                           inspector=None if oracle else build_inspector(cfg, threaded=False))
+                           inspector=None if oracle else build_looks(cfg, threaded=False))
         core.alarms.listeners.append(records.alarm_raised)    # every alarm raise goes on record
         if capture_dir is not None or cfg.capture.enabled:
             from station.capture import open_capture

@@ -66,7 +66,21 @@ class Sorter:
         self._diverter_for_bin = {d.bin: d for d in cfg.diverters if d.enabled}
         self._bin_of_id = np.array([cfg.rules.class_to_bin.get(n, MANUAL_BIN) for n in self.names], np.int64)
 
-    def _bin_vote(self, tr: Track) -> tuple[str, float, float, float]:
+    def votes(self, tr: Track) -> np.ndarray:
+        """The scores an item is sorted on: its views' votes, blended with its close looks.
+
+        A battery look (vision.inspection.BatteryInspector) reads the item at three times the
+        detector's resolution, where an 18650 and an AA no longer differ by a few pixels. The
+        looks' mean score per class stands in for `inspector.battery_weight` of every view's
+        vote, so the rules below (bin confidence, evidence, shares) read the blend unchanged. A
+        look that found no battery adds nothing: it lowers the blend, towards manual.
+        """
+        w = self.cfg.inspector.battery_weight
+        if tr.battery_looks == 0 or tr.battery_look_votes is None or w <= 0:
+            return tr.votes
+        return (1.0 - w) * tr.votes + w * tr.battery_look_votes * (max(tr.hits, 1) / tr.battery_looks)
+
+    def _bin_vote(self, votes: np.ndarray, hits: int) -> tuple[str, float, float, float]:
         """The class to act on, the confidence that its *bin* is right, that bin's evidence and share.
 
         The line sorts into bins, not classes: an alkaline cell scored 0.35 alkaline and 0.3
@@ -76,14 +90,19 @@ class Sorter:
         recorded is the strongest class inside that bin. The evidence is the bin's score sum
         (about "how many sure views"), the share its part of all the item's votes.
         """
-        total = float(tr.votes.sum())
+        total = float(votes.sum())
         if total <= 0:
             return "unknown", 0.0, 0.0, 0.0
-        per_bin = np.bincount(self._bin_of_id, weights=tr.votes)
+        per_bin = np.bincount(self._bin_of_id, weights=votes)
         b = int(np.argmax(per_bin))
-        in_bin = np.where(self._bin_of_id == b, tr.votes, -1.0)
-        return (self.names[int(np.argmax(in_bin))], float(per_bin[b] / max(tr.hits, 1)), float(per_bin[b]),
+        in_bin = np.where(self._bin_of_id == b, votes, -1.0)
+        return (self.names[int(np.argmax(in_bin))], float(per_bin[b] / max(hits, 1)), float(per_bin[b]),
                 float(per_bin[b] / total))
+
+    @staticmethod
+    def _share(votes: np.ndarray, class_ids: list[int]) -> float:
+        tot = float(votes.sum())
+        return float(votes[class_ids].sum() / tot) if tot > 0 else 0.0
 
     def _faint_but_consistent(self, conf: float, evidence: float, share: float) -> bool:
         """An item the detector scores low in every view, but in many views and for one bin.
@@ -107,8 +126,9 @@ class Sorter:
 
     def decide(self, tr: Track) -> Decision:
         r = self.cfg.rules
-        votes = {self.names[i]: round(float(v), 3) for i, v in enumerate(tr.votes) if v > 0}
-        best, conf, evidence, share = self._bin_vote(tr)
+        blend = self.votes(tr)
+        votes = {self.names[i]: round(float(v), 3) for i, v in enumerate(blend) if v > 0}
+        best, conf, evidence, share = self._bin_vote(blend, tr.hits)
         info = self.tax.by_name(best) if best != "unknown" else None
 
         def manual(reason: Reason) -> Decision:
@@ -124,10 +144,10 @@ class Sorter:
         if info is not None and info.is_board:
             if self._battery_on_board(tr):
                 return manual(Reason.BATTERY_ON_BOARD)
-            if tr.vote_share(self._battery_ids) >= r.battery_guard_share:
+            if self._share(blend, self._battery_ids) >= r.battery_guard_share:
                 return manual(Reason.BATTERY_LIKE)
         # Li-ion in any other bin is a fire in the next machine: the same guard as for boards
-        if info is not None and not info.is_li_ion and tr.vote_share(self._li_ion_ids) >= r.li_ion_guard_share:
+        if info is not None and not info.is_li_ion and self._share(blend, self._li_ion_ids) >= r.li_ion_guard_share:
             return manual(Reason.LI_ION_LIKE)
         if conf < r.min_confidence and not self._faint_but_consistent(conf, evidence, share):
             return manual(Reason.LOW_CONFIDENCE)

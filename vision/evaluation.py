@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 import yaml
 
+from vision.detections import box_iou
 from vision.detector import Detector
 
 log = logging.getLogger(__name__)
@@ -125,22 +126,6 @@ def read_labels(label: Path, width: int, height: int) -> tuple[np.ndarray, np.nd
 
 
 # -------------------------------------------------------------------------------------- metrics
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix (len(a), len(b)) of xyxy boxes."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), np.float64)
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-12)
-
 
 def match_coco(pred_boxes: np.ndarray, pred_scores: np.ndarray, pred_cls: np.ndarray,
                gt_boxes: np.ndarray, gt_cls: np.ndarray,

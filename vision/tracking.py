@@ -49,6 +49,10 @@ class Track:
     look_hits: int = 0
     look_pending: int = 0        # looks asked for whose answer has not come back
     last_look_count: int | None = None
+    battery_looks: int = 0       # battery inspector: crops read, and the score read for each class
+    battery_look_votes: np.ndarray | None = None
+    battery_look_pending: int = 0
+    last_battery_look_count: int | None = None
     born_x_mm: float = 0.0       # where it was first seen: past the decision line means too late to sort
     history: list[tuple[int, float, float, int, float]] = field(default_factory=list)  # count, u, y, cls, score
 
@@ -80,10 +84,6 @@ class Track:
     def confidence(self) -> float:
         """Mean score of the winning class over every frame the item was seen in (0 where another won)."""
         return float(self.votes.max() / max(self.hits, 1))
-
-    def vote_share(self, class_ids: list[int]) -> float:
-        tot = float(self.votes.sum())
-        return float(self.votes[class_ids].sum() / tot) if tot > 0 else 0.0
 
 
 class BeltTracker:

@@ -71,6 +71,9 @@ class TrainRecipe:
     # fine-tune on a station's few dozen frames would take one step an epoch. nbs=batch steps every batch.
     nbs: int | None = None
     freeze: int | None = None          # keep the first N layers (the backbone: 10 for YOLO11) as they are
+    # random zoom of ±scale: the camera's distance varies a little between stations (0.3). A model
+    # that must read an item's size in pixels (the battery inspector: 18650 or AA) wants almost none.
+    scale: float = 0.3
 
 
 def train(recipe: TrainRecipe) -> Path:
@@ -90,7 +93,7 @@ def train(recipe: TrainRecipe) -> Path:
         # top-down view of a belt: vertical flips are as real as horizontal ones; no rotation
         # augmentation (it loosens axis-aligned boxes), no hue shift (colour carries class cues
         # for cells), modest scale jitter (the camera's distance is fixed on a station).
-        fliplr=0.5, flipud=0.5, degrees=0.0, hsv_h=0.0, scale=0.3, mosaic=1.0, close_mosaic=recipe.close_mosaic,
+        fliplr=0.5, flipud=0.5, degrees=0.0, hsv_h=0.0, scale=recipe.scale, mosaic=1.0, close_mosaic=recipe.close_mosaic,
         warmup_epochs=recipe.warmup_epochs, **({"time": recipe.hours} if recipe.hours else {}), **({"lr0": recipe.lr0, "optimizer": "SGD"} if recipe.lr0 else {}),
         **({"nbs": recipe.nbs} if recipe.nbs else {}), **({"freeze": recipe.freeze} if recipe.freeze else {}),
     )

@@ -113,3 +113,25 @@ def test_board_inspector_finds_cells_the_detectors_far_view_misses(tmp_path):
     clean_to_manual = sum(v["bins"].get("0", 0) for k, v in near["per_class"].items() if k in ("board_high", "board_low"))
     assert clean_to_manual <= 2, near["per_class"]
     assert near["recovery"] > far["recovery"]
+
+
+@pytest.mark.slow
+def test_battery_inspector_sorts_cells_the_far_view_cannot_tell_apart(shipped_model):
+    """Loose batteries only, the same items with and without the close looks at each battery."""
+    from station.config import config_from_dict
+
+    base = {"sim": {"distractor_share": 0.1, "board_battery_share": 0.0,
+                    "class_mix": {"li_ion_cell": 1.0, "alkaline": 1.0, "nimh": 1.0, "coin_cell": 0.5}}}
+    far = run_fast(config_from_dict(base | {"inspector": {"battery_model": None}}), 150, seed=5)
+    near = run_fast(config_from_dict(base), 150, seed=5)
+    print(json.dumps({"looks": near["station"]["battery_looks"], "far": [far["purity"], far["recovery"]],
+                      "near": [near["purity"], near["recovery"]], "far_reasons": far["station"]["reasons"],
+                      "near_reasons": near["station"]["reasons"]}))
+    assert far["station"]["battery_looks"] == 0
+    # each battery is read at most `battery_looks` (3) times, while wholly in view
+    assert 135 * 0.9 <= near["station"]["battery_looks"] <= 3 * 150
+    assert near["recovery"] > far["recovery"]
+    assert near["purity"] >= far["purity"] - 0.005
+    # no Li-ion cell into the other-battery bin, with or without the looks
+    for rep in (far, near):
+        assert rep["per_class"]["li_ion_cell"]["bins"].get("2", 0) == 0, rep["per_class"]

@@ -152,6 +152,10 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
     cfg.detector.model = str(models / "active.onnx")                # the pointer: follows promotions
     cfg.capture.random_rate = 0.5                                   # CI scale: a big sample of the rest too
     cfg.capture.max_per_min = 600
+    # what the loop retrains is the detector: the battery inspector's close looks would read the weak
+    # model's packs right on their own and hide what retraining does (the board inspector's looks
+    # only decide whether a board carries a cell, so they stay)
+    cfg.inspector.battery_model = None
 
     # 1. the line with the shipped model, capturing
     t0 = time.perf_counter()

@@ -125,3 +125,49 @@ def test_a_faint_item_seen_consistently_is_sorted_a_flickering_one_is_not(sorter
     # fainter than faint_min_confidence
     d = sorter.decide(track({"nimh": 7.0}, hits=32))
     assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
+
+
+def read_close(tr: Track, reads: list[tuple[str | None, float]]) -> Track:
+    """The battery inspector's answers for this track: (class read, score), None: no battery seen."""
+    tr.battery_look_votes = np.zeros(len(NAMES))
+    for name, score in reads:
+        tr.battery_looks += 1
+        if name is not None:
+            tr.battery_look_votes[NAMES.index(name)] += score
+    return tr
+
+
+def test_close_looks_settle_a_cell_the_far_view_split_between_li_ion_and_other():
+    """Far view: 32 views, 0.32 Li-ion and 0.29 NiMH per view (manual: Li-ion-like). Three close
+    looks read NiMH at 0.9: at the shipped weight the blend sorts it into bin 2."""
+    s = Sorter(StationConfig(), TAX, NAMES, GEOM)
+    far = {"li_ion_cell": 10.1, "nimh": 9.2}
+    assert s.decide(track(far, hits=32)).reason in (Reason.LOW_CONFIDENCE, Reason.LI_ION_LIKE)
+    d = s.decide(read_close(track(far, hits=32), [("nimh", 0.9)] * 3))
+    assert d.bin == 2 and d.reason == Reason.RULE and d.class_name == "nimh"
+    # the blend, per view: half the far view's mean (0.29 NiMH) and half the looks' mean (0.9)
+    assert d.confidence == pytest.approx(0.5 * 9.2 / 32 + 0.5 * 0.9)
+
+
+def test_close_looks_that_disagree_keep_the_item_on_the_manual_path():
+    """A far view sure of Li-ion and looks reading alkaline: the Li-ion share keeps it out of bin 2."""
+    s = Sorter(StationConfig(), TAX, NAMES, GEOM)
+    d = s.decide(read_close(track({"li_ion_cell": 20.0}, hits=30), [("alkaline", 0.8)] * 3))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LI_ION_LIKE
+
+
+def test_looks_that_find_no_battery_lower_the_score_towards_manual():
+    """A plastic fragment the far view took for a faint cell: close up, nothing is there."""
+    s = Sorter(StationConfig(), TAX, NAMES, GEOM)
+    tr = track({"alkaline": 4.5}, hits=10)
+    assert s.decide(tr).bin == 2
+    d = s.decide(read_close(tr, [(None, 0.0)] * 3))
+    assert d.bin == MANUAL_BIN and d.reason == Reason.LOW_CONFIDENCE
+
+
+def test_battery_weight_zero_ignores_the_looks():
+    cfg = StationConfig()
+    cfg.inspector.battery_weight = 0.0
+    s = Sorter(cfg, TAX, NAMES, GEOM)
+    d = s.decide(read_close(track({"alkaline": 4.5}, hits=10), [(None, 0.0)] * 3))
+    assert d.bin == 2 and d.confidence == pytest.approx(0.45)

@@ -54,7 +54,9 @@ def _visible_fraction(masks: list[np.ndarray], idx: int) -> float:
     return float(vis.sum()) / total
 
 
-def render_scene(rng: np.random.Generator, cfg: SynthSettings) -> tuple[np.ndarray, list[Label]]:
+def render_scene(rng: np.random.Generator, cfg: SynthSettings, with_distractors: bool = False):
+    """One scene and its labels; with `with_distractors`, also the boxes of the distractors in it
+    (visible as the labels must be): the negatives the battery inspector's crops are centred on."""
     H, W = cfg.height, cfg.width
     s = cfg.px_per_mm * float(rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
     wide = not (rng.random() < cfg.line_look_p)
@@ -96,7 +98,15 @@ def render_scene(rng: np.random.Generator, cfg: SynthSettings) -> tuple[np.ndarr
             m[y0:y1, x0:x1] = p.sprite.alpha[y0 - p.y:y1 - p.y, x0 - p.x:x1 - p.x]
         full.append(m)
     labels: list[Label] = []
+    distractor_boxes: list[tuple[float, float, float, float]] = []
     for i, (p, kind) in enumerate(zip(placements, kinds)):
+        if with_distractors and kind in DISTRACTORS:
+            inside = float(full[i].sum()) / max(float(p.sprite.alpha.sum()), 1e-6)
+            if _visible_fraction(full, i) * inside >= cfg.min_visible:
+                bx0, by0, bx1, by1 = p.sprite.box
+                distractor_boxes.append((float(np.clip(bx0 + p.x, 0, W)), float(np.clip(by0 + p.y, 0, H)),
+                                         float(np.clip(bx1 + p.x, 0, W)), float(np.clip(by1 + p.y, 0, H))))
+            continue
         boxes = []
         if kind in TARGET_CLASSES:
             boxes.append((kind, p.sprite.box))
@@ -118,6 +128,8 @@ def render_scene(rng: np.random.Generator, cfg: SynthSettings) -> tuple[np.ndarr
             if (x1 - x0) * (y1 - y0) < 0.3 * area:
                 continue
             labels.append(Label(cls, (float(x0), float(y0), float(x1), float(y1))))
+    if with_distractors:
+        return img, labels, distractor_boxes
     return img, labels
 
 
