@@ -100,23 +100,22 @@ def render_scene(rng: np.random.Generator, cfg: SynthSettings, with_distractors:
     labels: list[Label] = []
     distractor_boxes: list[tuple[float, float, float, float]] = []
     for i, (p, kind) in enumerate(zip(placements, kinds)):
-        if with_distractors and kind in DISTRACTORS:
-            inside = float(full[i].sum()) / max(float(p.sprite.alpha.sum()), 1e-6)
-            if _visible_fraction(full, i) * inside >= cfg.min_visible:
-                bx0, by0, bx1, by1 = p.sprite.box
-                distractor_boxes.append((float(np.clip(bx0 + p.x, 0, W)), float(np.clip(by0 + p.y, 0, H)),
-                                         float(np.clip(bx1 + p.x, 0, W)), float(np.clip(by1 + p.y, 0, H))))
-            continue
         boxes = []
         if kind in TARGET_CLASSES:
             boxes.append((kind, p.sprite.box))
         boxes.extend(p.sprite.parts)
-        if not boxes:
+        negative = with_distractors and kind in DISTRACTORS
+        if not boxes and not negative:
             continue
         # fraction of the whole object inside the frame
         inside = float(full[i].sum()) / max(float(p.sprite.alpha.sum()), 1e-6)
         vis = _visible_fraction(full, i) * inside
         if vis < cfg.min_visible:
+            continue
+        if negative:
+            bx0, by0, bx1, by1 = p.sprite.box
+            distractor_boxes.append((float(np.clip(bx0 + p.x, 0, W)), float(np.clip(by0 + p.y, 0, H)),
+                                     float(np.clip(bx1 + p.x, 0, W)), float(np.clip(by1 + p.y, 0, H))))
             continue
         for cls, (bx0, by0, bx1, by1) in boxes:
             x0, y0 = np.clip(bx0 + p.x, 0, W), np.clip(by0 + p.y, 0, H)
