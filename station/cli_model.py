@@ -113,6 +113,20 @@ def cmd_model_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_shrink(a: argparse.Namespace) -> int:
+    from vision.shrink import ShrinkError, shrink_weights
+    from vision.training import REPO_ROOT, TrainExtraMissing, _offline_ultralytics
+
+    try:
+        _offline_ultralytics(REPO_ROOT / "runs" / "ultralytics-config", threads=2)
+        info = shrink_weights(Path(a.weights), Path(a.arch), Path(a.out))
+    except (TrainExtraMissing, ShrinkError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1))
+    return 0
+
+
 def cmd_model_eval(a: argparse.Namespace) -> int:
     # onnxruntime only: nothing on this path imports torch (tests/vision/test_evaluation.py checks)
     from station.config import StationConfig
@@ -243,6 +257,11 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--limit", type=int, default=None, help="first N images only")
     v.add_argument("--json", action="store_true", help="also print the whole report as one JSON line")
     v.set_defaults(func=cmd_model_eval)
+    k = msub.add_parser("shrink", help="start a narrower architecture from trained weights (fine-tune it next)")
+    k.add_argument("weights", help="trained weights (.pt) of the wide network")
+    k.add_argument("--arch", required=True, help="the narrower architecture's yaml, e.g. vision/arch/yolo11n-narrow.yaml")
+    k.add_argument("--out", required=True, help="the narrow checkpoint (.pt) to write; train it with --model")
+    k.set_defaults(func=cmd_model_shrink)
     q = msub.add_parser("quantize", help="static int8 (QDQ) quantisation calibrated on dataset images")
     q.add_argument("model", help="the float ONNX model")
     q.add_argument("--calib", required=True, help="a YOLO dataset's data.yaml to calibrate on")
