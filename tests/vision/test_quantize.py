@@ -84,3 +84,11 @@ def test_refuses_the_held_out_split(calib_dataset, shipped_model, tmp_path):
     with pytest.raises(QuantizeError, match="method"):
         quantize_static_int8(shipped_model, calib_dataset, tmp_path / "x.onnx", method="magic")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_refuses_a_model_that_is_int8_already(calib_dataset, tmp_path):
+    """The registry holds one (det-v6n-int8); quantising it again would calibrate for 15 minutes."""
+    int8 = Path(__file__).resolve().parents[2] / "models" / "det-v6n-int8.onnx"
+    with pytest.raises(QuantizeError, match="quantised already"):
+        quantize_static_int8(int8, calib_dataset, tmp_path / "x.onnx", n_images=2)
+    assert not (tmp_path / "x.onnx").exists()
