@@ -18,9 +18,6 @@ learnt as what it is; crops around distractors (cables, fragments, screws) teach
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -28,7 +25,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from vision.datasets import dataset_fingerprint, write_data_yaml, yolo_lines
+from vision.datasets import dataset_fingerprint, tally_jobs, write_data_yaml, yolo_lines
 from vision.inspection import battery_crop_box
 from vision.render.items import DISTRACTORS
 from vision.render.synth import Label, SynthSettings, render_scene, shifted_settings
@@ -98,21 +95,7 @@ def write_battery_crops(out: Path, scenes: int, seed: int, val_fraction: float =
     for split in ("train", "val", "test"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
-    totals: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
-    workers = workers or max(1, (os.cpu_count() or 2))
-    # spawned, never forked: see vision.datasets.write_synth_dataset
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) \
-        if workers > 1 else None
-    results = pool.map(_crops_of_scene, jobs, chunksize=8) if pool else map(_crops_of_scene, jobs)
-    try:
-        for done, (job, (_, counts)) in enumerate(zip(jobs, results), 1):
-            for k, v in counts.items():
-                totals[job[1]][k] = totals[job[1]].get(k, 0) + v
-            if progress:
-                progress(done, len(jobs))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    totals = tally_jobs(_crops_of_scene, jobs, workers, progress)     # spawned workers, never forked
     write_data_yaml(out, with_test=bool(test_scenes))
     manifest = {"generator": "kozan dataset battery-crops", "seed": seed, "scenes": scenes,
                 "test_seed": test_seed if test_scenes else None, "test_scenes": test_scenes,

@@ -56,6 +56,31 @@ def _write_one(args: tuple[Path, str, int, int, dict]) -> tuple[int, dict[str, i
     return index, counts
 
 
+def tally_jobs(fn: Callable[[tuple], tuple[int, dict[str, int]]], jobs: list[tuple], workers: int | None,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, int]]:
+    """Run image-writing jobs (`job[1]` is the split) on worker processes; label counts per split.
+
+    Never fork: the caller may hold onnxruntime/OpenCV/torch threads (a test process, a running
+    station), and a forked child can inherit a lock one of them held and hang forever. Spawned
+    workers start clean; one worker needs no pool at all.
+    """
+    totals: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
+    workers = workers or max(1, (os.cpu_count() or 2))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) \
+        if workers > 1 else None
+    results = pool.map(fn, jobs, chunksize=8) if pool is not None else map(fn, jobs)
+    try:
+        for done, (job, (_, counts)) in enumerate(zip(jobs, results), 1):
+            for k, v in counts.items():
+                totals[job[1]][k] = totals[job[1]].get(k, 0) + v
+            if progress:
+                progress(done, len(jobs))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return totals
+
+
 def write_synth_dataset(
     out: Path,
     n: int,
@@ -79,29 +104,7 @@ def write_synth_dataset(
     for split in ("train", "val", "test"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
-    totals: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
-    workers = workers or max(1, (os.cpu_count() or 2))
-    done = 0
-    # Never fork: the caller may hold onnxruntime/OpenCV/torch threads (a test process, a running
-    # station), and a forked child can inherit a lock one of them held and hang forever. Spawned
-    # workers start clean; one worker needs no pool at all.
-    if workers == 1:
-        results = map(_write_one, jobs)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_write_one, jobs, chunksize=8)
-    try:
-        for (job, (_, counts)) in zip(jobs, results):
-            split = job[1]
-            for k, v in counts.items():
-                totals[split][k] = totals[split].get(k, 0) + v
-            done += 1
-            if progress:
-                progress(done, len(jobs))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    totals = tally_jobs(_write_one, jobs, workers, progress)
     write_data_yaml(out, with_test=bool(test_n))
     manifest = {
         "generator": "kozan synth", "seed": seed, "test_seed": test_seed if test_n else None,
