@@ -191,20 +191,39 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def simulated_line_verdict(cfg: Any, model: Path, items: int, seed: int) -> dict[str, Any]:
+    """The station as configured (its rules, both inspectors) sorting a fixed simulated batch with
+    `model` as its detector: what the gate's last step compares."""
+    from station.report import line_verdict
+    from station.simrun import run_fast
+
+    c = cfg.model_copy(deep=True)
+    c.detector.model = str(model)
+    c.camera.source, c.link.port = "sim", "sim"
+    return line_verdict(run_fast(c, items, seed=seed), c)
+
+
 def gate(reg: Any, version: str, golden: str | None, tolerance: float, budget_ms: float | None, config: str | None,
-         recall_tolerance: float = 0.05, min_items: int = 2):
+         recall_tolerance: float = 0.05, min_items: int = 2, line_items: int = 0, line_seed: int = 11,
+         line_tolerance: float = 0.01):
     from station.config import load_config
     from vision.registry import check_promotion
     from vision.taxonomy import load_taxonomy
 
     cfg = load_config(config)
+
+    def line_check(model: Path) -> dict[str, Any]:
+        print(f"gate: {line_items} simulated items (seed {line_seed}) with {model.name} ...", file=sys.stderr)
+        return simulated_line_verdict(cfg, model, line_items, line_seed)
+
     budget = budget_ms if budget_ms is not None else 1000.0 / cfg.camera.fps
     rule_classes = sorted(n for n, b in cfg.rules.class_to_bin.items() if b != 0)
     fp = golden_fingerprint(Path(golden)) if golden else None
     conf = cfg.rules.min_confidence           # where the sorter acts: the gate compares recall there too
     return check_promotion(reg, version, rule_classes, tuple(load_taxonomy().names), fp, tolerance, budget,
                            evaluate=(lambda p: golden_metrics(p, Path(golden), conf)) if golden else None,
-                           operating_conf=conf, recall_tolerance=recall_tolerance, min_items=min_items)
+                           operating_conf=conf, recall_tolerance=recall_tolerance, min_items=min_items,
+                           line_check=line_check if line_items > 0 else None, line_tolerance=line_tolerance)
 
 
 def cmd_promote(a: argparse.Namespace) -> int:
@@ -214,7 +233,7 @@ def cmd_promote(a: argparse.Namespace) -> int:
         print(f"{a.version} is active (gate skipped: {a.force})")
         return 0
     res = gate(reg, a.version, a.golden, a.ap50_tolerance, a.latency_budget_ms, a.config, a.recall_tolerance,
-               a.min_items)
+               a.min_items, a.line_items, a.line_seed, a.line_tolerance)
     if not res.ok:
         print(res.explain(), file=sys.stderr)
         return 3
@@ -338,6 +357,12 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
                    help="a recall loss counts only if it is at least this many golden-set items")
     s.add_argument("--latency-budget-ms", type=float, default=None,
                    help="median inference time allowed (default: one camera frame period)")
+    s.add_argument("--line-items", type=int, default=200,
+                   help="last step, once the rest passed: both models sort this many simulated items (seed "
+                        "--line-seed; about 1 min per 100 items each on 2 cores); 0 skips it")
+    s.add_argument("--line-seed", type=int, default=11)
+    s.add_argument("--line-tolerance", type=float, default=0.01,
+                   help="largest purity or recovery loss allowed on that batch (no Li-ion misroute is allowed)")
     s.add_argument("--config", "-c", default=None, help="station YAML whose sorting rules the classes must fit")
     s.add_argument("--force", default=None, metavar="WHY", help="skip the gate (recorded with the reason)")
     s.set_defaults(func=cmd_promote)

@@ -58,3 +58,24 @@ def sorting_report(items: Iterable[SimItem], cfg: StationConfig) -> dict[str, An
         "fire_error_mm": {"p50": round(float(np.percentile(err, 50)), 2),
                           "p99": round(float(np.percentile(err, 99)), 2), "n": len(errors)},
     }
+
+
+def line_verdict(rep: dict[str, Any], cfg: StationConfig) -> dict[str, Any]:
+    """What the promotion gate compares from a simulated batch: purity, recovery, and every Li-ion
+    item that landed in a sorted bin other than its own (the manual path is safe, not misrouted)."""
+    from vision.taxonomy import load_taxonomy
+
+    li_ion = {c.name for c in load_taxonomy().classes if c.is_li_ion}
+    to: Counter = Counter()
+    n_li = 0
+    for truth, row in rep["per_class"].items():
+        if truth not in li_ion:
+            continue
+        n_li += row["count"]
+        own = cfg.rules.class_to_bin.get(truth, MANUAL_BIN)
+        for b, n in row["bins"].items():
+            if int(b) not in (MANUAL_BIN, own):
+                to[f"bin {b}"] += n
+    return {"items": rep["items"], "seed": rep.get("seed"), "model_version": rep.get("model_version"),
+            "purity": rep["purity"], "recovery": rep["recovery"],
+            "li_ion_items": n_li, "li_ion_misrouted": sum(to.values()), "li_ion_misrouted_to": dict(sorted(to.items()))}

@@ -18,7 +18,11 @@ no fixed input, names classes the sorting rules do not know (or lacks classes th
 more than a tolerance of AP50 on any class of the golden set against the active model, loses
 per-class recall at the sorting threshold (rules.min_confidence: what the sorter acts on, which
 AP50 cannot see) by more than a tolerance and at least a couple of items, or is slower
-than the latency budget. onnxruntime is all this module needs; golden-set metrics come from an
+than the latency budget. Last, and only when every cheaper check has passed, it can run both
+models through the same simulated batch of items (`line_check`) and refuse a candidate that sends
+more Li-ion items into a wrong sorted bin than the active model, or loses purity or recovery there:
+the golden set judges boxes, the line judges where the items go (a model with the same AP50 sent
+Li-ion cells to the alkaline bin, models/MODEL_CARD.md, det-v6n-int8). onnxruntime is all this module needs; golden-set metrics come from an
 evaluator (ultralytics, in the training path) and are kept in the cards.
 """
 from __future__ import annotations
@@ -366,7 +370,8 @@ def check_promotion(reg: Registry, version: str, sorting_classes: list[str], tax
                     evaluate: Callable[[Path], dict[str, Any]] | None = None,
                     latency: Callable[[Path], float] = measure_latency_ms,
                     operating_conf: float | None = None, recall_tolerance: float = 0.05,
-                    min_items: int = 2) -> GateResult:
+                    min_items: int = 2, line_check: Callable[[Path], dict[str, Any]] | None = None,
+                    line_tolerance: float = 0.01) -> GateResult:
     """Every reason `version` may not replace the active model (an empty list: it may).
 
     AP50 integrates over every confidence, so it cannot see a model whose scores sink below the
@@ -421,4 +426,29 @@ def check_promotion(reg: Registry, version: str, sorting_classes: list[str], tax
     details["latency_ms"] = round(ms, 2)
     if ms > latency_budget_ms:
         refusals.append(f"inference takes {ms:.1f} ms (median), over the budget of {latency_budget_ms:.1f} ms")
+    if line_check is not None and not refusals and active_v is not None:
+        # minutes of simulation each: spent only on a candidate that passed everything cheaper
+        cl, al = line_check(cand.onnx), line_check(active_path)
+        details["line"] = {"candidate": cl, "active": al}
+        refusals += _line_regressions(cl, al, line_tolerance)
     return GateResult(version, not refusals, refusals, details)
+
+
+def _line_regressions(cand: dict[str, Any], active: dict[str, Any], tolerance: float) -> list[str]:
+    """Refusals from the simulated batch both models sorted (none: it may pass).
+
+    A Li-ion item in any sorted bin but its own is a fire in the plant that buys that bin, so the
+    candidate may not misroute a single one more than the active model does; purity and recovery
+    may each fall by at most `tolerance` (one batch of a few hundred items: ±1 item is 0.005).
+    """
+    out = []
+    if cand["li_ion_misrouted"] > active["li_ion_misrouted"]:
+        out.append(f"{cand['li_ion_misrouted']} Li-ion item(s) of {cand['li_ion_items']} went to a wrong sorted bin "
+                   f"on the simulated line ({cand['li_ion_misrouted_to']}), against {active['li_ion_misrouted']} "
+                   "with the active model: a fire hazard")
+    for what in ("purity", "recovery"):
+        c, a = cand.get(what), active.get(what)
+        if c is not None and a is not None and c < a - tolerance:
+            out.append(f"{what} on the simulated line {c:.4f} < active {a:.4f} - tolerance {tolerance:.3f} "
+                       f"({cand['items']} items, seed {cand['seed']})")
+    return out

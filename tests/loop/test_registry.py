@@ -231,3 +231,80 @@ def test_train_from_a_version_starts_from_its_weights(reg, tmp_path, monkeypatch
     assert main(["model", "train", "--data", "d.yaml", "--from", "det-v1", "--models", str(reg.root)]) == 0
     assert got["model"] == str(reg.root / "active.pt") and got["warmup_epochs"] == 0.0
     assert main(["model", "train", "--data", "d.yaml", "--from", "det-nope", "--models", str(reg.root)]) == 2
+
+
+def _verdict(misrouted: int = 0, purity: float = 0.99, recovery: float = 0.99) -> dict:
+    return {"items": 200, "seed": 11, "purity": purity, "recovery": recovery, "li_ion_items": 40,
+            "li_ion_misrouted": misrouted, "li_ion_misrouted_to": {"bin 2": misrouted} if misrouted else {}}
+
+
+def _line_gate(reg, tmp_path, cand: dict, active: dict, **metrics):
+    reg.register(tiny_onnx(tmp_path / "det-v2.onnx", version="det-v2"))
+    reg.set_active("det-v1", "baseline")
+    reg.record_metrics("det-v1", "gold1", _metrics(0.80))
+    reg.record_metrics("det-v2", "gold1", _metrics(0.85, **metrics))
+    runs: list[str] = []
+
+    def line_check(p):
+        runs.append(p.name)
+        return cand if p.name == "det-v2.onnx" else active
+
+    return _gate(reg, "det-v2", line_check=line_check), runs
+
+
+def test_gate_refuses_a_candidate_that_sends_li_ion_to_a_wrong_bin_on_the_simulated_line(reg, tmp_path):
+    """Same or better AP50 everywhere, yet 2 Li-ion cells in the alkaline bin: refused, and said so."""
+    res, runs = _line_gate(reg, tmp_path, _verdict(misrouted=2, purity=0.995, recovery=0.995), _verdict())
+    assert not res.ok
+    assert runs == ["det-v2.onnx", "det-v1.onnx"]          # both models sort the same batch
+    text = res.explain()
+    assert "2 Li-ion item(s) of 40 went to a wrong sorted bin" in text and "{'bin 2': 2}" in text
+    assert "purity" not in text and "recovery" not in text  # those improved
+    assert res.details["line"]["active"]["li_ion_misrouted"] == 0
+
+
+def test_gate_refuses_lost_purity_or_recovery_on_the_line_and_passes_an_equal_one(reg, tmp_path):
+    res, _ = _line_gate(reg, tmp_path, _verdict(purity=0.975, recovery=0.985), _verdict())
+    assert not res.ok
+    assert "purity on the simulated line 0.9750 < active 0.9900 - tolerance 0.010 (200 items, seed 11)" in res.explain()
+    assert "recovery" not in res.explain()                  # 0.005 lower: within the tolerance
+
+
+def test_gate_passes_a_candidate_no_worse_on_the_line(reg, tmp_path):
+    res, _ = _line_gate(reg, tmp_path, _verdict(misrouted=1, recovery=0.985), _verdict(misrouted=1))
+    assert res.ok, res.explain()                            # no worse than the active model on Li-ion
+    assert res.details["line"]["candidate"]["recovery"] == 0.985
+
+
+def test_gate_spends_no_simulation_on_a_candidate_refused_already(reg, tmp_path):
+    res, runs = _line_gate(reg, tmp_path, _verdict(), _verdict(), li_ion_cell=0.5)
+    assert not res.ok and "li_ion_cell AP50" in res.explain()
+    assert runs == [] and "line" not in res.details
+
+
+def test_the_gates_line_check_sorts_a_real_batch_with_the_candidate_model():
+    """The wiring under the gate's last step: the station (default rules and inspectors) on the simulated
+    line, with the candidate swapped in as its detector, judged from ground truth."""
+    from station.cli_loop import simulated_line_verdict
+    from station.config import load_config
+    from vision.taxonomy import REPO_ROOT
+
+    v = simulated_line_verdict(load_config(None), REPO_ROOT / "models" / "det-v1.onnx", 12, seed=4)
+    assert v["model_version"] == "det-v1"                 # the candidate ran, not the active model
+    assert v["items"] == 12 and v["seed"] == 4
+    assert 0 <= v["li_ion_misrouted"] <= v["li_ion_items"] <= 12
+    assert v["li_ion_misrouted"] == sum(v["li_ion_misrouted_to"].values())
+
+
+def test_line_verdict_counts_li_ion_in_any_sorted_bin_but_its_own_and_not_the_manual_path():
+    from station.config import load_config
+    from station.report import line_verdict
+
+    cfg = load_config(None)
+    own = cfg.rules.class_to_bin["li_ion_cell"]
+    rep = {"items": 60, "seed": 3, "model_version": "det-x", "purity": 0.97, "recovery": 0.96, "per_class": {
+        "li_ion_cell": {"count": 33, "bins": {str(own): 30, "2": 2, "0": 1}},
+        "li_ion_pack": {"count": 10, "bins": {str(cfg.rules.class_to_bin["li_ion_pack"]): 9, "4": 1}},
+        "alkaline": {"count": 17, "bins": {"1": 3, "2": 14}}}}          # not Li-ion: not counted here
+    v = line_verdict(rep, cfg)
+    assert (v["li_ion_items"], v["li_ion_misrouted"], v["li_ion_misrouted_to"]) == (43, 3, {"bin 2": 2, "bin 4": 1})
