@@ -101,7 +101,7 @@ class DetectorConfig(_Section):
 class InspectorConfig(_Section):
     """Closer looks from the full-resolution frame (vision.inspection): at each board, for a battery
     still on it; at each loose battery, for what kind it is."""
-    model: str | None = Field("models/inspector/insp-v1.onnx",
+    model: str | None = Field("models/inspector/insp-v2.onnx",
                               description="ONNX model trained on board crops (relative to the repo root); "
                                           "null: no second look, the detector's own view decides")
     conf_threshold: float = Field(0.5, ge=0, le=1, description="score a battery box on a board needs to count")
