@@ -156,6 +156,10 @@ def close_the_loop(work: Path, n_collect: int, n_eval: int, epochs: int, toleran
     # model's packs right on their own and hide what retraining does (the board inspector's looks
     # only decide whether a board carries a cell, so they stay)
     cfg.inspector.battery_model = None
+    # pinned: which frames capture takes (and so the dozen-frame golden set the gate judges on) depends
+    # on what the board inspector sends to manual; this scenario was measured with insp-v1, and an
+    # inspector upgrade must not re-roll the loop's data (insp-v2 here: a 2-item nimh swing refused)
+    cfg.inspector.model = "models/inspector/insp-v1.onnx"
 
     # 1. the line with the shipped model, capturing
     t0 = time.perf_counter()

@@ -253,7 +253,7 @@ def _line_gate(reg, tmp_path, cand: dict, active: dict, **metrics):
 
 
 def test_gate_refuses_a_candidate_that_sends_li_ion_to_a_wrong_bin_on_the_simulated_line(reg, tmp_path):
-    """Same or better AP50 everywhere, yet 2 Li-ion cells in the alkaline bin: refused, and said so."""
+    """Better AP50 everywhere and better line totals, yet 2 Li-ion cells in bin 2: refused, and said so."""
     res, runs = _line_gate(reg, tmp_path, _verdict(misrouted=2, purity=0.995, recovery=0.995), _verdict())
     assert not res.ok
     assert runs == ["det-v2.onnx", "det-v1.onnx"]          # both models sort the same batch
@@ -263,7 +263,7 @@ def test_gate_refuses_a_candidate_that_sends_li_ion_to_a_wrong_bin_on_the_simula
     assert res.details["line"]["active"]["li_ion_misrouted"] == 0
 
 
-def test_gate_refuses_lost_purity_or_recovery_on_the_line_and_passes_an_equal_one(reg, tmp_path):
+def test_gate_refuses_purity_lost_on_the_line_beyond_the_tolerance(reg, tmp_path):
     res, _ = _line_gate(reg, tmp_path, _verdict(purity=0.975, recovery=0.985), _verdict())
     assert not res.ok
     assert "purity on the simulated line 0.9750 < active 0.9900 - tolerance 0.010 (200 items, seed 11)" in res.explain()
