@@ -2,7 +2,7 @@
 (what the station does) against a zoomed crop of each board (the baseline is the whole frame).
 
     .venv/bin/python bench/attached_cells.py [--model models/active.onnx] [--boards 40]
-        [--share 0.5] [--zooms 2,3] [--inspector models/insp-v1.onnx]
+        [--share 0.5] [--zooms 2,3] [--inspector models/inspector/insp-v2.onnx]
 
 The simulated line's camera renders only boards (a `--share` of them carrying a cell); every 6th
 frame, each board wholly in view is checked: with a cell, is a battery box found on that cell
