@@ -213,6 +213,14 @@ class NativeFirmware:
         return {k: int(v) for k, v in (kv.split("=") for kv in reply.split()[1:])}
 
     def fired(self) -> list[OutputSwitch]:
-        """The on-switches so far (each is one fired command)."""
+        """The on-switches so far (each is one fired command).
+
+        The core writes a switch to its control stdout (buffered) and the Fired event to the pty (at
+        once), so a caller that has seen the event may ask before the reader thread has the line. A
+        running core is asked for its state first: the reply comes after every line already written,
+        and the reader records lines in order.
+        """
+        if self._proc is not None:
+            self.state()
         with self._switch_lock:
             return [s for s in self.switches if s.on]

@@ -14,6 +14,7 @@ import numpy as np
 
 from station.config import MANUAL_BIN, StationConfig
 from station.simline.world import SimItem
+from vision.taxonomy import load_taxonomy
 
 
 def _ratio(a: int, b: int) -> float | None:
@@ -63,8 +64,6 @@ def sorting_report(items: Iterable[SimItem], cfg: StationConfig) -> dict[str, An
 def line_verdict(rep: dict[str, Any], cfg: StationConfig) -> dict[str, Any]:
     """What the promotion gate compares from a simulated batch: purity, recovery, and every Li-ion
     item that landed in a sorted bin other than its own (the manual path is safe, not misrouted)."""
-    from vision.taxonomy import load_taxonomy
-
     li_ion = {c.name for c in load_taxonomy().classes if c.is_li_ion}
     to: Counter = Counter()
     n_li = 0

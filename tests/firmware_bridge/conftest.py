@@ -261,10 +261,6 @@ class CCoreMcu:
         self.fw.sync()
 
     def shots(self) -> list[Shot]:
-        # The core reports an output switch on its control stdout and the Fired event on the serial pty;
-        # the host can read the event first. A control round trip is a barrier: its reply follows every
-        # ``act`` line already written, and the reader thread records lines in order.
-        self.fw.state()
         return [Shot(s.diverter, s.on_count, s.pulse_ms, s.command_id, s.count_now) for s in self.fw.fired()]
 
     def reset(self) -> None:
