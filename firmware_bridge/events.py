@@ -87,6 +87,7 @@ class LinkErrorEvent(LinkEvent):
     ``reconnecting``: the link re-opens the port by itself, with backoff; a ``LinkRestoredEvent`` follows
     when the MCU answers again, and then every in-doubt command gets its final outcome as usual (or is
     listed in a ``ResetEvent`` if the MCU reset meanwhile). False: the link is down until ``reopen()``.
+    One per outage: a re-opened port failing again before the MCU answered is not a new one.
     """
 
     message: str

@@ -764,11 +764,26 @@ class DiverterLink:
                 log.debug("error closing %s", self.url, exc_info=True)
 
     def _on_port_lost(self, why: str, reconnecting: bool) -> None:
-        """Tell the station at once, naming every command whose outcome is now in doubt."""
-        self._down_since = time.monotonic()  # first: a request failing to send now knows the port is going
+        """Tell the station at once, naming every command whose outcome is now in doubt.
+
+        A re-opened port that fails again before the MCU's Hello is the same outage, not a new one: the
+        station was told once and hears one LinkRestoredEvent for it (its down time counted from the
+        first loss). Nothing but Identify went out on the re-opened port, so no command came into doubt.
+        """
+        still_down = self._down_since is not None
+        if not still_down:
+            self._down_since = time.monotonic()  # first: a request failing to send now knows the port is going
         self._detach_port()
         self._io_error = why
         self._disconnects += 1
+        if still_down:
+            self._hello_seen.clear()
+            with self._state:
+                self._drop_fire_now_in_doubt()
+            log.warning("diverter link %s: the re-opened port failed too (%s) before the MCU answered; still "
+                        "down after %.2f s, %s", self.url, why, time.monotonic() - self._down_since,
+                        "re-opening with backoff" if reconnecting else "down until reopen()")
+            return
         self._boot_at_loss = self._boot_id
         self._hello_seen.clear()
         with self._state:

@@ -544,6 +544,49 @@ def test_port_lost_and_reopened_by_itself_mcu_ran_on(mcu, tmp_path) -> None:
         link.close()
 
 
+def test_reopened_port_failing_again_is_one_outage(mcu, tmp_path) -> None:
+    """A cable that comes and goes: the port is re-opened, then fails again before the MCU's Hello. Found
+    by the fault campaign (two replugs 65 ms apart): the station was told "link lost" twice and "restored"
+    once, so its alarm never cleared. One outage is one LinkErrorEvent and one LinkRestoredEvent, its
+    down time counted from the first loss."""
+    import select
+
+    port = tmp_path / "ttyKOZAN"
+    link = DiverterLink(str(port), reconnect_initial_s=0.05, reconnect_max_s=0.2)
+    flaky_master = flaky_slave = None
+    try:
+        log = _configured_with_one_command_queued(link, port, mcu)
+        new_path = mcu.replug()
+        first = log.wait_for(lambda e: isinstance(e, LinkErrorEvent))
+        lost_at = time.monotonic()
+        # the name comes back on a port with no MCU behind it (the flaky cable's brief contact) ...
+        flaky_master, flaky_slave = os.openpty()
+        _repoint(port, os.ttyname(flaky_slave))
+        assert select.select([flaky_master], [], [], 3.0)[0], "the link never re-opened the port"
+        assert os.read(flaky_master, 256)  # its Identify: the port is open and waiting for a Hello
+        os.close(flaky_master)  # ... and goes again before any answer
+        os.close(flaky_slave)
+        flaky_master = flaky_slave = None
+        wait_until(lambda: link.health()["disconnects"] == 2, timeout=2.0, what="the second loss")
+        second_lost_at = time.monotonic()
+        _repoint(port, new_path)  # then the MCU is there for good
+        restored = log.wait_for(lambda e: isinstance(e, LinkRestoredEvent), timeout=3.0)
+        log.drain()
+        assert [e for e in log.events if isinstance(e, LinkErrorEvent)] == [first]
+        assert [e for e in log.events if isinstance(e, LinkRestoredEvent)] == [restored]
+        assert restored.down_s >= second_lost_at - lost_at and not restored.mcu_reset
+        mcu.advance(200)  # and the command in doubt still gets its real outcome
+        log.wait_for(lambda e: isinstance(e, FiredEvent) and e.command_id == 1)
+        assert link.wait_resolved(2.0)
+        h = link.health()
+        assert (h["connected"], h["reconnects"], h["disconnects"]) == (True, 1, 2)
+    finally:
+        for fd in (flaky_master, flaky_slave):
+            if fd is not None:
+                os.close(fd)
+        link.close()
+
+
 def test_port_lost_and_mcu_restarted_is_reconfigured(mcu, tmp_path, request) -> None:
     """The MCU process restarts on a new pty at the same stable name: a new boot id. The link reports the
     queued command lost (ResetEvent), re-sends the configuration, then reports the recovery as a reset."""
