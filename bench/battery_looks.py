@@ -3,6 +3,7 @@ view (what decides today) against the battery inspector's close crop of the same
 
     .venv/bin/python bench/battery_looks.py [--model models/active.onnx]
         --inspector models/inspector/batt-v1.onnx [--items 120] [--seed 12] [--every 6]
+        [--distractor-share 0.1]
 
 The simulated line's camera renders loose batteries and some distractors (no boards); every
 `--every`th frame, each item wholly in view is matched to the detector's box with the highest IoU
@@ -10,7 +11,9 @@ The simulated line's camera renders loose batteries and some distractors (no boa
 A view counts as right when the class read lies in the item's bin (Li-ion → 1, other batteries → 2;
 a distractor is right when nothing battery-like is read). Prints, per true class, views, right
 reads by each way of looking, and the confusions between the Li-ion bin and the other-battery bin
-(the ones the line's safety rule sends to manual). Accuracy, not speed: the figures go into the
+(the ones the line's safety rule sends to manual). A distractor is only looked at when the far
+view has a box on it, as on the line; `--distractor-share 0.5` makes those views numerous enough to
+count the plastic fragments a battery inspector takes for a cell. Accuracy, not speed: the figures go into the
 model card.
 """
 from __future__ import annotations
@@ -36,6 +39,21 @@ from vision.inspection import BatteryInspector  # noqa: E402
 MIX = {"li_ion_cell": 1.0, "alkaline": 1.0, "nimh": 1.0, "coin_cell": 0.6, "li_ion_pack": 0.4, "lead_acid": 0.3}
 
 
+def item_boxes(world: BeltWorld, cfg, t: float) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """Every item's box in the frame at `t`, distractors included (the camera's own truth lists targets
+    only: it labels training data). Placed as SimCamera places sprites; no true-camera distortion here."""
+    travel, ppm = world.travel_mm(t), cfg.camera.px_per_mm
+    out = []
+    for it in world.visible(travel):
+        if it.sprite is None:
+            continue
+        h, w = it.sprite.alpha.shape
+        px, py = int(round((it.u_mm + travel) * ppm - w / 2)), int(round(it.y_mm * ppm - h / 2))
+        x0, y0, x1, y1 = it.sprite.box
+        out.append((it.spec.kind, (x0 + px, y0 + py, x1 + px, y1 + py)))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/active.onnx")
@@ -43,8 +61,9 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=120)
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--every", type=int, default=6)
+    ap.add_argument("--distractor-share", type=float, default=0.1, help="share of items that are distractors")
     a = ap.parse_args()
-    cfg = config_from_dict({"sim": {"distractor_share": 0.1, "board_battery_share": 0.0, "class_mix": MIX}})
+    cfg = config_from_dict({"sim": {"distractor_share": a.distractor_share, "board_battery_share": 0.0, "class_mix": MIX}})
     bins = cfg.rules.class_to_bin
     clock = VirtualClock(0.0)
     world = BeltWorld(cfg, clock, n_items=a.items, seed=a.seed)
@@ -66,7 +85,7 @@ def main() -> int:
         frame = cam.render_at(t)
         world.settle()
         W = frame.image.shape[1]
-        items = [(n, b) for n, b in cam.last_truth if b[0] > 5 and b[2] < W - 5]
+        items = [(n, b) for n, b in item_boxes(world, cfg, t) if b[0] > 5 and b[2] < W - 5]
         if not items:
             continue
         d = det(frame.image)
@@ -88,6 +107,7 @@ def main() -> int:
                 right[way][name] += got == truth_bin
                 crossed[way][name] += {got, truth_bin} == {1, 2}
     out = {"model": det.info.version, "inspector": insp.version, "items": a.items, "seed": a.seed,
+           "distractor_share": a.distractor_share,
            "views": dict(views), "right": {w: dict(c) for w, c in right.items()},
            "li_ion_vs_other": {w: dict(c) for w, c in crossed.items()}, "inspector_reads": reads}
     print(f"{'class':<18}{'views':>6}  {'right: far':>11} {'inspector':>10}   {'Li-ion<->other: far':>20} {'inspector':>10}")

@@ -67,8 +67,8 @@ def cmd_dataset_battery_crops(a: argparse.Namespace) -> int:
     from vision.battery_crops import write_battery_crops
 
     m = write_battery_crops(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, test_scenes=a.test_n,
-                            jitter=a.jitter, line_look=a.line_look, workers=a.workers,
-                            progress=_progress("battery crops"))
+                            jitter=a.jitter, line_look=a.line_look, distractor_p=a.distractor_p,
+                            negative_p=a.negative_p, workers=a.workers, progress=_progress("battery crops"))
     print(json.dumps({k: m[k] for k in ("scenes", "test_scenes", "fingerprint", "crops_centred_on")}
                      | {"out": str(a.out)}, indent=1))
     return 0
@@ -204,6 +204,10 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="share of scenes under a station's fixed plain look (the rest fully randomised)")
     s.add_argument("--jitter", type=float, default=0.08,
                    help="s.d. of each crop edge's error, as a share of the item's size (a far-view box's error)")
+    s.add_argument("--distractor-p", type=float, default=0.3,
+                   help="share of rendered items that are distractors (cables, plastic fragments, screws)")
+    s.add_argument("--negative-p", type=float, default=0.5,
+                   help="share of distractors that get a crop of their own, labelled 'no battery here'")
     s.set_defaults(func=cmd_dataset_battery_crops)
 
     md = sub.add_parser("model", help="train and export detectors (needs the 'train' extra)")

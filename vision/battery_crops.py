@@ -78,14 +78,16 @@ def _crops_of_scene(args: tuple[Path, str, int, int, dict, float, float]) -> tup
 
 def write_battery_crops(out: Path, scenes: int, seed: int, val_fraction: float = 0.1, test_scenes: int = 0,
                         jitter: float = 0.08, negative_p: float = 0.5, line_look: float = 0.5,
-                        workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+                        distractor_p: float = 0.3, workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Crops of every battery (and some distractors) in `scenes` rendered scenes; a YOLO set + data.yaml.
 
     `test_scenes` adds a held-out split from another seed under the renderer's shifted settings,
-    as the detector's own test split is made.
+    as the detector's own test split is made. `distractor_p` and `negative_p` set how many crops
+    teach "no battery here": on the line, a plastic fragment the far view takes for a cell is
+    sorted into a battery bin when this inspector agrees (models/MODEL_CARD.md, batt-v2).
     """
     out = Path(out)
-    base = replace(SynthSettings(), class_weights=dict(CELL_WEIGHTS), distractor_p=0.3, attach_battery_p=0.0,
+    base = replace(SynthSettings(), class_weights=dict(CELL_WEIGHTS), distractor_p=distractor_p, attach_battery_p=0.0,
                    line_look_p=line_look)
     n_val = int(round(scenes * val_fraction))
     test_seed = seed + 1_000_003
@@ -99,7 +101,7 @@ def write_battery_crops(out: Path, scenes: int, seed: int, val_fraction: float =
     write_data_yaml(out, with_test=bool(test_scenes))
     manifest = {"generator": "kozan dataset battery-crops", "seed": seed, "scenes": scenes,
                 "test_seed": test_seed if test_scenes else None, "test_scenes": test_scenes,
-                "jitter": jitter, "negative_p": negative_p, "settings": asdict(base),
+                "jitter": jitter, "negative_p": negative_p, "distractor_p": distractor_p, "settings": asdict(base),
                 "crops_centred_on": totals, "fingerprint": dataset_fingerprint(out)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

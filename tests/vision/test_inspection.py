@@ -1,6 +1,7 @@
 """The board inspector's crop, its training crops from the simulated line, and the shipped model."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -114,6 +115,21 @@ def test_battery_crops_label_everything_in_the_window_and_include_negatives(tmp_
     assert any((tmp_path / "bc" / "images" / "test").glob("*.jpg"))
     # the same seed writes the same crops
     assert write_battery_crops(tmp_path / "bc2", 30, seed=3, test_scenes=6, workers=1)["fingerprint"] == m["fingerprint"]
+
+
+def test_battery_crops_can_teach_more_no_battery_here(tmp_path: Path):
+    """batt-v2's data: more distractors, every one cropped; the positives are still all there."""
+    from vision.battery_crops import write_battery_crops
+
+    base = write_battery_crops(tmp_path / "a", 24, seed=5, workers=1)["crops_centred_on"]["train"]
+    more = write_battery_crops(tmp_path / "b", 24, seed=5, workers=1, distractor_p=0.6,
+                               negative_p=1.0)["crops_centred_on"]["train"]
+    neg = lambda c: c.get("-", 0)  # noqa: E731
+    pos = lambda c: sum(v for k, v in c.items() if k != "-")  # noqa: E731
+    assert neg(more) / (neg(more) + pos(more)) > 2 * neg(base) / (neg(base) + pos(base))
+    assert pos(more) > 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert (m["distractor_p"], m["negative_p"], m["settings"]["distractor_p"]) == (0.6, 1.0, 0.6)
 
 
 def test_the_shipped_battery_inspector_reads_the_bin_better_than_the_far_view():
