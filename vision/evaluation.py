@@ -462,7 +462,9 @@ def format_report(r: dict) -> str:
                          f"(rate {v['fp_frame_rate']}), {v['detections']} detections {v['by_class']}")
     lat = r["latency"]
     if lat:
-        lines.append(f"latency per frame ({lat['frames']} frames, {r['image_sizes']}): detector median "
+        sizes = r["image_sizes"]   # crop sets have hundreds of sizes: name the range, the JSON keeps them all
+        shown = sizes if len(sizes) <= 3 else f"{len(sizes)} sizes, {sizes[0]} to {sizes[-1]}"
+        lines.append(f"latency per frame ({lat['frames']} frames, {shown}): detector median "
                      f"{lat['detector_median_ms']} ms p99 {lat['detector_p99_ms']} ms; session.run median "
                      f"{lat['session_run_median_ms']} ms p99 {lat['session_run_p99_ms']} ms; threads {lat['threads']}")
     return "\n".join(lines)
