@@ -110,7 +110,7 @@ class InspectorConfig(_Section):
     min_hits: int = Field(1, ge=1, le=20, description="looks that must find a battery for the board to go to manual")
     intra_op_threads: int = Field(1, ge=1, le=64, description="its looks run beside the detector's 2 threads: "
                                   "on 2 cores, 2 more made the loop drop 23 of 900 frames, 1 none (kozan run, 30 s)")
-    battery_model: str | None = Field("models/inspector/batt-v1.onnx",
+    battery_model: str | None = Field("models/inspector/batt-v2.onnx",
                                       description="ONNX model trained on close crops of loose batteries: reads "
                                                   "what kind each battery is at full camera resolution; null: "
                                                   "the detector's view alone decides")
