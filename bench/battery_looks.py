@@ -2,7 +2,7 @@
 view (what decides today) against the battery inspector's close crop of the same item.
 
     .venv/bin/python bench/battery_looks.py [--model models/active.onnx]
-        --inspector models/inspector/batt-v1.onnx [--items 120] [--seed 12] [--every 6]
+        --inspector models/inspector/batt-v2.onnx [--items 120] [--seed 12] [--every 6]
         [--distractor-share 0.1]
 
 The simulated line's camera renders loose batteries and some distractors (no boards); every
@@ -13,8 +13,8 @@ a distractor is right when nothing battery-like is read). Prints, per true class
 reads by each way of looking, and the confusions between the Li-ion bin and the other-battery bin
 (the ones the line's safety rule sends to manual). A distractor is only looked at when the far
 view has a box on it, as on the line; `--distractor-share 0.5` makes those views numerous enough to
-count the plastic fragments a battery inspector takes for a cell. Accuracy, not speed: the figures go into the
-model card.
+count the plastic fragments a battery inspector takes for a cell. Accuracy, not speed: the figures
+go into the model card.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=6)
     ap.add_argument("--distractor-share", type=float, default=0.1, help="share of items that are distractors")
     a = ap.parse_args()
-    cfg = config_from_dict({"sim": {"distractor_share": a.distractor_share, "board_battery_share": 0.0, "class_mix": MIX}})
+    cfg = config_from_dict({"sim": {"distractor_share": a.distractor_share, "board_battery_share": 0.0,
+                                    "class_mix": MIX}})
     bins = cfg.rules.class_to_bin
     clock = VirtualClock(0.0)
     world = BeltWorld(cfg, clock, n_items=a.items, seed=a.seed)

@@ -78,7 +78,8 @@ def _crops_of_scene(args: tuple[Path, str, int, int, dict, float, float]) -> tup
 
 def write_battery_crops(out: Path, scenes: int, seed: int, val_fraction: float = 0.1, test_scenes: int = 0,
                         jitter: float = 0.08, negative_p: float = 0.5, line_look: float = 0.5,
-                        distractor_p: float = 0.3, workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+                        distractor_p: float = 0.3, workers: int | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> dict:
     """Crops of every battery (and some distractors) in `scenes` rendered scenes; a YOLO set + data.yaml.
 
     `test_scenes` adds a held-out split from another seed under the renderer's shifted settings,
@@ -87,8 +88,8 @@ def write_battery_crops(out: Path, scenes: int, seed: int, val_fraction: float =
     sorted into a battery bin when this inspector agrees (models/MODEL_CARD.md, batt-v2).
     """
     out = Path(out)
-    base = replace(SynthSettings(), class_weights=dict(CELL_WEIGHTS), distractor_p=distractor_p, attach_battery_p=0.0,
-                   line_look_p=line_look)
+    base = replace(SynthSettings(), class_weights=dict(CELL_WEIGHTS), distractor_p=distractor_p,
+                   attach_battery_p=0.0, line_look_p=line_look)
     n_val = int(round(scenes * val_fraction))
     test_seed = seed + 1_000_003
     jobs = [(out, "val" if i < n_val else "train", seed, i, asdict(base), jitter, negative_p) for i in range(scenes)]
@@ -101,7 +102,8 @@ def write_battery_crops(out: Path, scenes: int, seed: int, val_fraction: float =
     write_data_yaml(out, with_test=bool(test_scenes))
     manifest = {"generator": "kozan dataset battery-crops", "seed": seed, "scenes": scenes,
                 "test_seed": test_seed if test_scenes else None, "test_scenes": test_scenes,
-                "jitter": jitter, "negative_p": negative_p, "distractor_p": distractor_p, "settings": asdict(base),
+                "jitter": jitter, "negative_p": negative_p, "distractor_p": distractor_p,
+                "settings": asdict(base),
                 "crops_centred_on": totals, "fingerprint": dataset_fingerprint(out)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

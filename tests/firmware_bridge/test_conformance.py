@@ -547,7 +547,7 @@ def test_port_lost_and_reopened_by_itself_mcu_ran_on(mcu, tmp_path) -> None:
 def test_reopened_port_failing_again_is_one_outage(mcu, tmp_path) -> None:
     """A cable that comes and goes: the port is re-opened, then fails again before the MCU's Hello. Found
     by the fault campaign (two replugs 65 ms apart): the station was told "link lost" twice and "restored"
-    once, so its alarm never cleared. One outage is one LinkErrorEvent and one LinkRestoredEvent, its
+    once, the down time counted from the second loss. One outage is one LinkErrorEvent and one LinkRestoredEvent, its
     down time counted from the first loss."""
     import select
 

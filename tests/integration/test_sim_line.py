@@ -63,8 +63,8 @@ def test_whole_station_with_the_shipped_model_on_300_items(tmp_path, shipped_mod
     print(json.dumps({k: rep[k] for k in ("items", "purity", "recovery", "missed", "frames", "wall_s")}))
     assert rep["items"] == 300
     # measured on exactly this run: purity 0.9962 / recovery 0.9962 with both inspectors (insp-v2,
-    # batt-v2; with batt-v1 0.9962 / 0.9924); 0.9805 / 0.9545 with insp-v1 alone; det-v4 alone: 0.9839 / 0.9242; det-v3: 0.9684 / 0.928;
-    # det-v1: 0.90 / 0.41 on 200 items. The floors leave room for about 5 items either way: they guard
+    # batt-v2; with batt-v1 0.9962 / 0.9924); 0.9805 / 0.9545 with insp-v1 alone; det-v4 alone:
+    # 0.9839 / 0.9242; det-v3: 0.9684 / 0.928; det-v1: 0.90 / 0.41 on 200 items. The floors leave room for about 5 items either way: they guard
     # the wiring and the models against regressions, not a figure to the last item.
     assert rep["purity"] >= 0.98, rep["per_bin"]
     assert rep["recovery"] >= 0.97, rep["per_bin"]
