@@ -1045,7 +1045,9 @@ class DiverterLink:
                 waiter.done.set()
             self._emit(AckEvent(self._clock(), 0, msg.msg_type))
         elif msg.msg_type == MsgType.CANCEL:
-            self._outstanding.discard(msg.command_id)
+            # the MCU had it queued, so its FireAt arrived: no longer pending either, even if that Ack was lost
+            # (else it is retransmitted after its end, and a later reset lists it lost: two final outcomes)
+            self._settle(msg.command_id)
             if self._finish(msg.command_id):
                 self._emit(AckEvent(self._clock(), msg.command_id, msg.msg_type))
             self._state.notify_all()
@@ -1118,7 +1120,7 @@ class DiverterLink:
         # Unanswered commands are lost too, and are not retransmitted to the new boot: the old boot may have
         # fired them (Ack and Fired lost on the wire), and their belt counts are in the old boot's encoder
         # coordinates. Re-sending them could fire a second time, or at the wrong place.
-        lost = tuple(sorted(self._outstanding | set(self._pending)))
+        lost = tuple(sorted(c for c in self._outstanding | set(self._pending) if c not in self._finished))
         self._outstanding.clear()
         self._pending.clear()
         self.belt_clock.reset()
