@@ -39,21 +39,6 @@ from vision.inspection import BatteryInspector  # noqa: E402
 MIX = {"li_ion_cell": 1.0, "alkaline": 1.0, "nimh": 1.0, "coin_cell": 0.6, "li_ion_pack": 0.4, "lead_acid": 0.3}
 
 
-def item_boxes(world: BeltWorld, cfg, t: float) -> list[tuple[str, tuple[float, float, float, float]]]:
-    """Every item's box in the frame at `t`, distractors included (the camera's own truth lists targets
-    only: it labels training data). Placed as SimCamera places sprites; no true-camera distortion here."""
-    travel, ppm = world.travel_mm(t), cfg.camera.px_per_mm
-    out = []
-    for it in world.visible(travel):
-        if it.sprite is None:
-            continue
-        h, w = it.sprite.alpha.shape
-        px, py = int(round((it.u_mm + travel) * ppm - w / 2)), int(round(it.y_mm * ppm - h / 2))
-        x0, y0, x1, y1 = it.sprite.box
-        out.append((it.spec.kind, (x0 + px, y0 + py, x1 + px, y1 + py)))
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/active.onnx")
@@ -86,7 +71,7 @@ def main() -> int:
         frame = cam.render_at(t)
         world.settle()
         W = frame.image.shape[1]
-        items = [(n, b) for n, b in item_boxes(world, cfg, t) if b[0] > 5 and b[2] < W - 5]
+        items = [(n, b) for n, b in cam.last_items if b[0] > 5 and b[2] < W - 5]   # distractors too
         if not items:
             continue
         d = det(frame.image)

@@ -773,24 +773,21 @@ class DiverterLink:
         still_down = self._down_since is not None
         if not still_down:
             self._down_since = time.monotonic()  # first: a request failing to send now knows the port is going
+            self._boot_at_loss = self._boot_id
         self._detach_port()
         self._io_error = why
         self._disconnects += 1
-        if still_down:
-            self._hello_seen.clear()
-            with self._state:
-                self._drop_fire_now_in_doubt()
-            log.warning("diverter link %s: the re-opened port failed too (%s) before the MCU answered; still "
-                        "down after %.2f s, %s", self.url, why, time.monotonic() - self._down_since,
-                        "re-opening with backoff" if reconnecting else "down until reopen()")
-            return
-        self._boot_at_loss = self._boot_id
         self._hello_seen.clear()
+        how = "re-opening with backoff" if reconnecting else "down until reopen()"
+        if still_down:
+            log.warning("diverter link %s: the re-opened port failed too (%s) before the MCU answered; still "
+                        "down after %.2f s, %s", self.url, why, time.monotonic() - self._down_since, how)
+            return
         with self._state:
             self._drop_fire_now_in_doubt()
             in_doubt = tuple(sorted(self._outstanding | set(self._pending)))
             log.error("diverter link %s failed: %s; %d commands in doubt %s; %s", self.url, why, len(in_doubt),
-                      list(in_doubt), "re-opening with backoff" if reconnecting else "down until reopen()")
+                      list(in_doubt), how)
             self._emit(LinkErrorEvent(self._clock(), why, in_doubt, reconnecting))
             self._state.notify_all()
 
@@ -1120,7 +1117,7 @@ class DiverterLink:
         # Unanswered commands are lost too, and are not retransmitted to the new boot: the old boot may have
         # fired them (Ack and Fired lost on the wire), and their belt counts are in the old boot's encoder
         # coordinates. Re-sending them could fire a second time, or at the wrong place.
-        lost = tuple(sorted(c for c in self._outstanding | set(self._pending) if c not in self._finished))
+        lost = tuple(sorted(self._outstanding | set(self._pending)))
         self._outstanding.clear()
         self._pending.clear()
         self.belt_clock.reset()

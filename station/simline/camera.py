@@ -36,6 +36,7 @@ class SimCamera:
         self._seq = 0
         self._next_t = clock.now()
         self.last_truth: list[tuple[str, tuple[float, float, float, float]]] = []
+        self.last_items: list[tuple[str, tuple[float, float, float, float]]] = []
         # a true camera model (sim.true_camera) re-images the ideal canvas through its lens and pose
         self.true_camera = None
         self._maps = None
@@ -61,6 +62,7 @@ class SimCamera:
         ppm = self.cfg.camera.px_per_mm
         places = []
         truth: list[tuple[str, tuple[float, float, float, float]]] = []
+        items: list[tuple[str, tuple[float, float, float, float]]] = []
         for it in w.visible(travel):
             if it.sprite is None:
                 continue
@@ -69,15 +71,19 @@ class SimCamera:
             cy = it.y_mm * ppm
             p = Placement(it.sprite, int(round(cx - wd / 2)), int(round(cy - h / 2)))
             places.append(p)
-            boxes = ([(it.spec.kind, it.sprite.box)] if it.spec.is_target else []) + list(it.sprite.parts)
-            for name, (x0, y0, x1, y1) in boxes:
+            # the item's own box first (a distractor's too: `last_items`), then its parts (attached cells)
+            for k, (name, (x0, y0, x1, y1)) in enumerate([(it.spec.kind, it.sprite.box), *it.sprite.parts]):
                 if self.true_camera is not None:   # the box as the true camera sees it
                     x0, y0, x1, y1 = self._true_box(x0 + p.x, y0 + p.y, x1 + p.x, y1 + p.y)
                     x0, y0, x1, y1 = x0 - p.x, y0 - p.y, x1 - p.x, y1 - p.y
                 bx = (max(0.0, x0 + p.x), max(0.0, y0 + p.y), min(float(self.W), x1 + p.x), min(float(self.H), y1 + p.y))
                 if bx[2] - bx[0] > 2 and bx[3] - bx[1] > 2:
-                    truth.append((name, bx))
+                    if k == 0:
+                        items.append((name, bx))
+                    if k > 0 or it.spec.is_target:
+                        truth.append((name, bx))
         self.last_truth = truth   # exact labels of the last frame: for tests and dataset capture
+        self.last_items = items   # every item's own box, distractors included: for benches that score them
         img = composite(self._background(travel), places, self.look)
         if self._maps is not None:
             img = cv2.remap(img, self._maps[0], self._maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
