@@ -30,6 +30,7 @@ def _progress(prefix: str):
 def cmd_dataset_synth(a: argparse.Namespace) -> int:
     from vision.datasets import write_synth_dataset
 
+    from vision.render.items import SUBTYPES
     from vision.render.synth import SynthSettings
 
     settings = SynthSettings(line_look_p=a.line_look)
@@ -45,6 +46,18 @@ def cmd_dataset_synth(a: argparse.Namespace) -> int:
             settings.class_weights[name] = float(w)
         except ValueError:
             print(f"--class-weight {spec!r}: the weight must be a number", file=sys.stderr)
+            return 2
+    for spec in a.subtype_weight or []:
+        key, _, w = spec.partition("=")
+        kind, _, sub = key.partition("/")
+        if sub not in SUBTYPES.get(kind, ()) or not w:
+            print(f"--subtype-weight {spec!r}: expected CLASS/SUBTYPE=WEIGHT, one of "
+                  f"{[f'{k}/{s_}' for k, v in SUBTYPES.items() for s_ in v]}", file=sys.stderr)
+            return 2
+        try:
+            settings.subtype_weights[key] = float(w)
+        except ValueError:
+            print(f"--subtype-weight {spec!r}: the weight must be a number", file=sys.stderr)
             return 2
     m = write_synth_dataset(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, test_n=a.test_n,
                             workers=a.workers, progress=_progress("synth"), settings=settings)
@@ -188,6 +201,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="share of boards that carry a battery (default 0.12): raise it to teach attached cells")
     s.add_argument("--class-weight", action="append", metavar="CLASS=WEIGHT",
                    help="relative frequency of a class in the scenes (default 1 each); repeatable")
+    s.add_argument("--subtype-weight", action="append", metavar="CLASS/SUBTYPE=WEIGHT",
+                   help="relative frequency of a subtype within its class, e.g. alkaline/9V=4 (a look the model "
+                        "misses); repeatable")
     s.set_defaults(func=cmd_dataset_synth)
     s = dsub.add_parser("board-crops", help="board crops from the simulated line's camera, for the board inspector")
     _generated_set_args(s, "crops", 0.15)

@@ -96,3 +96,28 @@ def test_synth_command_takes_the_class_mix_and_the_share_of_boards_with_a_batter
     rc = main(["dataset", "synth", "--n", "2", "--out", str(tmp_path / "x"), "--class-weight", "toaster=2"])
     assert rc == 2
     assert "toaster=2" in capsys.readouterr().err
+
+
+def test_subtype_weights_change_one_class_mix_and_nothing_else(tmp_path, capsys):
+    """`--subtype-weight alkaline/9V=4`: more 9 V blocks among the alkaline cells; without it, the
+    draws are the unweighted ones, so every dataset made before the option is made again unchanged."""
+    from station.cli import main
+
+    def subtypes(kind: str, weights: dict[str, float] | None) -> list[str]:
+        rng = np.random.default_rng(11)
+        return [sample_item(kind, rng, subtype_weights=weights).subtype for _ in range(3000)]
+
+    plain = subtypes("alkaline", None)
+    assert subtypes("alkaline", {}) == plain
+    assert subtypes("alkaline", {"nimh/pack": 3.0}) == plain          # another class's weight: no effect
+    share = subtypes("alkaline", {"alkaline/9V": 4.0}).count("9V") / 3000
+    assert plain.count("9V") / 3000 == pytest.approx(0.15, abs=0.02)
+    assert share == pytest.approx(0.6 / 1.45, abs=0.03)             # 0.15 x 4 against 0.85 + 0.6
+
+    rc = main(["dataset", "synth", "--n", "2", "--workers", "1", "--out", str(tmp_path / "n"),
+               "--subtype-weight", "alkaline/9V=4"])
+    assert rc == 0
+    assert '"alkaline/9V": 4.0' in (tmp_path / "n" / "manifest.json").read_text()
+    rc = main(["dataset", "synth", "--n", "2", "--out", str(tmp_path / "x"), "--subtype-weight", "alkaline/10V=2"])
+    assert rc == 2
+    assert "alkaline/10V=2" in capsys.readouterr().err

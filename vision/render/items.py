@@ -10,6 +10,7 @@ alpha mask so the scene can composite, shadow and label them exactly.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import cv2
@@ -82,12 +83,45 @@ def _u(rng: Rng, a: float, b: float) -> float:
     return float(rng.uniform(a, b))
 
 
-def sample_item(kind: str, rng: Rng, attach_battery_p: float = 0.0) -> ItemSpec:
-    """Sample a physical item of `kind` (class or distractor name)."""
+SUBTYPES: dict[str, tuple[str, ...]] = {
+    "board_high": ("phone", "ram", "sodimm", "hdd", "mobo_small"),
+    "board_low": ("psu", "tv", "small"),
+    "li_ion_cell": ("18650", "21700"),
+    "li_ion_pack": ("pouch", "phone", "laptop"),
+    "alkaline": ("AA", "AAA", "C", "9V"),
+    "nimh": ("AA", "AAA", "pack"),
+    "coin_cell": ("CR2032", "CR2025", "CR1632", "button"),
+    "lead_acid": ("6V1.2", "12V1.2", "12V2.3", "12V7"),
+}
+"""Every subtype a target class is drawn as (`sample_item`; `--subtype-weight` names them)."""
+
+
+def _pick(rng: Rng, kind: str, subtypes: tuple[str, ...], p: list[float] | None,
+          weights: Mapping[str, float] | None) -> str:
+    """A subtype of `kind` at its share `p`, scaled by `weights["kind/subtype"]` where given.
+
+    Without a weight for this kind the draw is the unweighted one, draw for draw, so a dataset
+    made before weights existed is made again byte for byte.
+    """
+    keys = [f"{kind}/{s}" for s in subtypes]
+    if weights and any(k in weights for k in keys):
+        base = np.full(len(subtypes), 1.0 / len(subtypes)) if p is None else np.asarray(p, float)
+        q = base * np.asarray([weights.get(k, 1.0) for k in keys], float)
+        return str(rng.choice(subtypes, p=q / q.sum()))
+    return str(rng.choice(subtypes) if p is None else rng.choice(subtypes, p=p))
+
+
+def sample_item(kind: str, rng: Rng, attach_battery_p: float = 0.0,
+                subtype_weights: Mapping[str, float] | None = None) -> ItemSpec:
+    """Sample a physical item of `kind` (class or distractor name).
+
+    `subtype_weights` ("alkaline/9V": 4.0) makes a look that a model misses more frequent in its
+    training data without changing the class balance."""
+    w = subtype_weights
     angle = _u(rng, 0, 360)
     seed = int(rng.integers(0, 2**31 - 1))
     if kind == "board_high":
-        sub = str(rng.choice(["phone", "ram", "sodimm", "hdd", "mobo_small"], p=[0.3, 0.2, 0.15, 0.2, 0.15]))
+        sub = _pick(rng, kind, SUBTYPES[kind], [0.3, 0.2, 0.15, 0.2, 0.15], w)
         dims = {
             "phone": (_u(rng, 60, 140), _u(rng, 30, 70), _u(rng, 20, 60)),
             "ram": (133.0, 31.0, _u(rng, 15, 25)),
@@ -96,39 +130,39 @@ def sample_item(kind: str, rng: Rng, attach_battery_p: float = 0.0) -> ItemSpec:
             "mobo_small": (_u(rng, 170, 244), _u(rng, 150, 200), _u(rng, 300, 600)),
         }[sub]
     elif kind == "board_low":
-        sub = str(rng.choice(["psu", "tv", "small"], p=[0.4, 0.3, 0.3]))
+        sub = _pick(rng, kind, SUBTYPES[kind], [0.4, 0.3, 0.3], w)
         dims = {
             "psu": (_u(rng, 120, 250), _u(rng, 80, 160), _u(rng, 150, 400)),
             "tv": (_u(rng, 150, 280), _u(rng, 100, 200), _u(rng, 200, 500)),
             "small": (_u(rng, 90, 140), _u(rng, 60, 100), _u(rng, 80, 200)),
         }[sub]
     elif kind == "li_ion_cell":
-        sub = str(rng.choice(["18650", "21700"], p=[0.7, 0.3]))
+        sub = _pick(rng, kind, SUBTYPES[kind], [0.7, 0.3], w)
         dims = (65.0, 18.0, _u(rng, 45, 50)) if sub == "18650" else (70.0, 21.0, _u(rng, 65, 70))
     elif kind == "li_ion_pack":
-        sub = str(rng.choice(["pouch", "phone", "laptop"], p=[0.4, 0.4, 0.2]))
+        sub = _pick(rng, kind, SUBTYPES[kind], [0.4, 0.4, 0.2], w)
         dims = {
             "pouch": (_u(rng, 60, 120), _u(rng, 40, 80), _u(rng, 30, 90)),
             "phone": (_u(rng, 70, 150), _u(rng, 45, 100), _u(rng, 40, 150)),
             "laptop": (_u(rng, 200, 290), _u(rng, 40, 80), _u(rng, 250, 450)),
         }[sub]
     elif kind == "alkaline":
-        sub = str(rng.choice(["AA", "AAA", "C", "9V"], p=[0.45, 0.25, 0.15, 0.15]))
+        sub = _pick(rng, kind, SUBTYPES[kind], [0.45, 0.25, 0.15, 0.15], w)
         dims = {"AA": (50.5, 14.5, 23.0), "AAA": (44.5, 10.5, 11.5), "C": (50.0, 26.2, 66.0),
                 "9V": (48.5, 26.5, 45.0)}[sub]
     elif kind == "nimh":
-        sub = str(rng.choice(["AA", "AAA", "pack"], p=[0.5, 0.2, 0.3]))
+        sub = _pick(rng, kind, SUBTYPES[kind], [0.5, 0.2, 0.3], w)
         if sub == "pack":
             n = int(rng.integers(2, 5))
             dims = (_u(rng, 44, 52), 14.5 * n + 2, 28.0 * n)
         else:
             dims = (50.5, 14.5, _u(rng, 26, 30)) if sub == "AA" else (44.5, 10.5, 12.0)
     elif kind == "coin_cell":
-        sub = str(rng.choice(["CR2032", "CR2025", "CR1632", "button"], p=[0.5, 0.2, 0.15, 0.15]))
+        sub = _pick(rng, kind, SUBTYPES[kind], [0.5, 0.2, 0.15, 0.15], w)
         d = {"CR2032": 20.0, "CR2025": 20.0, "CR1632": 16.0, "button": _u(rng, 9.5, 11.6)}[sub]
         dims = (d, d, 3.0 if d >= 16 else 1.0)
     elif kind == "lead_acid":
-        sub = str(rng.choice(["6V1.2", "12V1.2", "12V2.3", "12V7"]))
+        sub = _pick(rng, kind, SUBTYPES[kind], None, w)
         dims = {"6V1.2": (97.0, 25.0, 300.0), "12V1.2": (97.0, 43.0, 570.0),
                 "12V2.3": (178.0, 34.0, 900.0), "12V7": (151.0, 65.0, 2100.0)}[sub]
         dims = (dims[0] * _u(rng, 0.97, 1.03), dims[1] * _u(rng, 0.97, 1.03), dims[2])
@@ -148,7 +182,7 @@ def sample_item(kind: str, rng: Rng, attach_battery_p: float = 0.0) -> ItemSpec:
     if kind in ("board_high", "board_low") and attach_battery_p > 0 and rng.random() < attach_battery_p:
         if spec.length_mm >= 60 and spec.width_mm >= 30:
             akind = str(rng.choice(["coin_cell", "li_ion_cell", "li_ion_pack", "nimh"], p=[0.5, 0.2, 0.15, 0.15]))
-            att = sample_item(akind, rng)
+            att = sample_item(akind, rng, subtype_weights=w)
             # an attached battery must fit on the board
             scale = min(1.0, 0.6 * spec.length_mm / att.length_mm, 0.6 * spec.width_mm / max(att.width_mm, 1))
             att.length_mm *= scale

@@ -35,6 +35,7 @@ class SynthSettings:
     min_visible: float = 0.35
     line_look_p: float = 0.0            # share of scenes under a station's own fixed, plain look
     class_weights: dict[str, float] = field(default_factory=lambda: {c: 1.0 for c in TARGET_CLASSES})
+    subtype_weights: dict[str, float] = field(default_factory=dict)   # "alkaline/9V": 4.0 (items.sample_item)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def render_scene(rng: np.random.Generator, cfg: SynthSettings, with_distractors:
     centers: list[tuple[float, float]] = []
     for _ in range(n):
         kind = str(rng.choice(DISTRACTORS)) if rng.random() < cfg.distractor_p else str(rng.choice(names, p=w))
-        spec = sample_item(kind, rng, attach_battery_p=cfg.attach_battery_p)
+        spec = sample_item(kind, rng, attach_battery_p=cfg.attach_battery_p, subtype_weights=cfg.subtype_weights)
         sp = draw_item(spec, s)
         h, wd = sp.alpha.shape
         if centers and rng.random() < cfg.overlap_p:
@@ -138,6 +139,7 @@ def shifted_settings(base: SynthSettings) -> SynthSettings:
         width=base.width, height=base.height, px_per_mm=base.px_per_mm * 0.95, scale_jitter=0.2,
         items_min=2, items_max=11, distractor_p=0.35, attach_battery_p=0.2, overlap_p=0.35,
         empty_frame_p=0.02, min_visible=base.min_visible, class_weights=dict(base.class_weights),
+        subtype_weights=dict(base.subtype_weights),
     )
 
 
