@@ -71,7 +71,7 @@ def main() -> int:
         frame = cam.render_at(t)
         world.settle()
         W = frame.image.shape[1]
-        items = [(n, b) for n, b in cam.last_items if b[0] > 5 and b[2] < W - 5]   # distractors too
+        items = [(n, b) for n, b, _ in cam.last_items if b[0] > 5 and b[2] < W - 5]   # distractors too
         if not items:
             continue
         d = det(frame.image)

@@ -36,7 +36,7 @@ class SimCamera:
         self._seq = 0
         self._next_t = clock.now()
         self.last_truth: list[tuple[str, tuple[float, float, float, float]]] = []
-        self.last_items: list[tuple[str, tuple[float, float, float, float]]] = []
+        self.last_items: list[tuple[str, tuple[float, float, float, float], int]] = []   # kind, box, item id
         # a true camera model (sim.true_camera) re-images the ideal canvas through its lens and pose
         self.true_camera = None
         self._maps = None
@@ -62,7 +62,7 @@ class SimCamera:
         ppm = self.cfg.camera.px_per_mm
         places = []
         truth: list[tuple[str, tuple[float, float, float, float]]] = []
-        items: list[tuple[str, tuple[float, float, float, float]]] = []
+        items: list[tuple[str, tuple[float, float, float, float], int]] = []
         for it in w.visible(travel):
             if it.sprite is None:
                 continue
@@ -79,7 +79,7 @@ class SimCamera:
                 bx = (max(0.0, x0 + p.x), max(0.0, y0 + p.y), min(float(self.W), x1 + p.x), min(float(self.H), y1 + p.y))
                 if bx[2] - bx[0] > 2 and bx[3] - bx[1] > 2:
                     if k == 0:
-                        items.append((name, bx))
+                        items.append((name, bx, it.id))
                     if k > 0 or it.spec.is_target:
                         truth.append((name, bx))
         self.last_truth = truth   # exact labels of the last frame: for tests and dataset capture
