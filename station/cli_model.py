@@ -55,10 +55,13 @@ def cmd_dataset_synth(a: argparse.Namespace) -> int:
                   f"{[f'{k}/{s_}' for k, v in SUBTYPES.items() for s_ in v]}", file=sys.stderr)
             return 2
         try:
-            settings.subtype_weights[key] = float(w)
+            weight = float(w)
         except ValueError:
-            print(f"--subtype-weight {spec!r}: the weight must be a number", file=sys.stderr)
+            weight = float("nan")
+        if not weight >= 0:
+            print(f"--subtype-weight {spec!r}: the weight must be a number, 0 or more", file=sys.stderr)
             return 2
+        settings.subtype_weights[key] = weight
     m = write_synth_dataset(Path(a.out), a.n, a.seed, val_fraction=a.val_fraction, test_n=a.test_n,
                             workers=a.workers, progress=_progress("synth"), settings=settings)
     print(json.dumps({"out": str(a.out), "fingerprint": m["fingerprint"], "n_train": m["n_train"],

@@ -121,3 +121,7 @@ def test_subtype_weights_change_one_class_mix_and_nothing_else(tmp_path, capsys)
     rc = main(["dataset", "synth", "--n", "2", "--out", str(tmp_path / "x"), "--subtype-weight", "alkaline/10V=2"])
     assert rc == 2
     assert "alkaline/10V=2" in capsys.readouterr().err
+    rc = main(["dataset", "synth", "--n", "2", "--out", str(tmp_path / "x"), "--subtype-weight", "alkaline/9V=-1"])
+    assert rc == 2 and "0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no subtype of li_ion_cell"):
+        subtypes("li_ion_cell", {"li_ion_cell/18650": 0.0, "li_ion_cell/21700": 0.0})

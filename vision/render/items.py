@@ -107,6 +107,8 @@ def _pick(rng: Rng, kind: str, subtypes: tuple[str, ...], p: list[float] | None,
     if weights and any(k in weights for k in keys):
         base = np.full(len(subtypes), 1.0 / len(subtypes)) if p is None else np.asarray(p, float)
         q = base * np.asarray([weights.get(k, 1.0) for k in keys], float)
+        if not q.sum() > 0:
+            raise ValueError(f"subtype weights {dict(weights)} leave no subtype of {kind} to draw")
         return str(rng.choice(subtypes, p=q / q.sum()))
     return str(rng.choice(subtypes) if p is None else rng.choice(subtypes, p=p))
 
