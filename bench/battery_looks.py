@@ -26,13 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-
 from station.clock import VirtualClock  # noqa: E402
 from station.config import config_from_dict  # noqa: E402
 from station.simline.camera import SimCamera  # noqa: E402
+from station.simline.views import best_box, whole_item_views  # noqa: E402
 from station.simline.world import BeltWorld  # noqa: E402
-from vision.detections import box_iou  # noqa: E402
 from vision.detector import Detector  # noqa: E402
 from vision.inspection import BatteryInspector  # noqa: E402
 
@@ -60,27 +58,11 @@ def main() -> int:
     right = {"whole frame": Counter(), "inspector": Counter()}
     crossed = {"whole frame": Counter(), "inspector": Counter()}      # Li-ion <-> other battery
     reads: dict[str, Counter[str]] = defaultdict(Counter)
-    k = 0
-    while not world.all_items_past():
-        t = k / cfg.camera.fps
-        clock.advance_to(t)
-        k += 1
-        if k % a.every:
-            world.settle()
-            continue
-        frame = cam.render_at(t)
-        world.settle()
-        W = frame.image.shape[1]
-        items = [(n, b) for n, b, _ in cam.last_items if b[0] > 5 and b[2] < W - 5]   # distractors too
-        if not items:
-            continue
+    for frame, items in whole_item_views(cfg, world, cam, clock, a.every):
         d = det(frame.image)
-        for name, b in items:
-            if len(d) == 0:
-                continue
-            iou = box_iou(d.boxes, np.array([b], np.float64))[:, 0]
-            j = int(iou.argmax())
-            if iou[j] < 0.3:
+        for name, b, _ in items:
+            j = best_box(d, b)
+            if j is None:
                 continue
             views[name] += 1
             truth_bin = bins.get(name, 0)

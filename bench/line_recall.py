@@ -23,13 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-
 from station.clock import VirtualClock  # noqa: E402
 from station.config import load_config  # noqa: E402
 from station.simline.camera import SimCamera  # noqa: E402
+from station.simline.views import best_box, whole_item_views  # noqa: E402
 from station.simline.world import BeltWorld  # noqa: E402
-from vision.detections import box_iou  # noqa: E402
 from vision.detector import Detector  # noqa: E402
 
 
@@ -51,28 +49,12 @@ def main() -> int:
     views: Counter[int] = Counter()
     found: Counter[int] = Counter()
     right: Counter[int] = Counter()
-    k = 0
-    while not world.all_items_past():
-        t = k / cfg.camera.fps
-        clock.advance_to(t)
-        k += 1
-        if k % a.every:
-            world.settle()
-            continue
-        frame = cam.render_at(t)
-        world.settle()
-        W = frame.image.shape[1]
-        items = [(b, iid) for _, b, iid in cam.last_items if b[0] > 5 and b[2] < W - 5]
-        if not items:
-            continue
+    for frame, items in whole_item_views(cfg, world, cam, clock, a.every):
         d = det(frame.image)
-        for b, iid in items:
+        for _, b, iid in items:
             views[iid] += 1
-            if len(d) == 0:
-                continue
-            iou = box_iou(d.boxes, np.array([b], np.float64))[:, 0]
-            j = int(iou.argmax())
-            if iou[j] < 0.3:
+            j = best_box(d, b)
+            if j is None:
                 continue
             found[iid] += 1
             right[iid] += bins.get(det.names[int(d.class_ids[j])], 0) == world.items[iid - 1].expected_bin
