@@ -22,6 +22,7 @@ import numpy as np
 from station.clock import VirtualClock
 from station.config import config_from_dict
 from station.simline.camera import SimCamera
+from station.simline.views import rendered_frames
 from station.simline.world import BeltWorld
 from vision.datasets import dataset_fingerprint, write_data_yaml, yolo_lines
 from vision.inspection import crop_box
@@ -65,16 +66,7 @@ def write_board_crops(out: Path, n_crops: int, seed: int, val_fraction: float = 
         cam = SimCamera(cfg, world, clock, seed=chunk_seed)
         # a chunk goes wholly to one split: its frames share a belt and a look
         split = "val" if written < n_val else "train"
-        k = int(rng.integers(0, every))
-        while not world.all_items_past() and written < n_crops:
-            t = k / cfg.camera.fps
-            clock.advance_to(t)
-            k += 1
-            if k % every:
-                world.settle()
-                continue
-            frame = cam.render_at(t)
-            world.settle()
+        for k, frame in rendered_frames(cfg, world, cam, clock, every, start=int(rng.integers(0, every))):
             H, W = frame.image.shape[:2]
             truth = cam.last_truth
             cells = [(n, b) for n, b in truth if n in batteries]
@@ -99,6 +91,8 @@ def write_board_crops(out: Path, n_crops: int, seed: int, val_fraction: float = 
                 written += 1
                 if progress:
                     progress(written, n_crops)
+            if written >= n_crops:
+                break
         chunk += 1
     write_data_yaml(out)
     manifest = {"generator": "kozan dataset board-crops", "seed": seed, "n": written, "chunks": chunk,

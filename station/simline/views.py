@@ -15,15 +15,13 @@ from vision.frame import Frame
 Box = tuple[float, float, float, float]
 
 
-def whole_item_views(cfg: StationConfig, world: BeltWorld, cam: SimCamera, clock: VirtualClock,
-                     every: int) -> Iterator[tuple[Frame, list[tuple[str, Box, int]]]]:
-    """Every `every`th frame until the last item has passed, with the items wholly in it.
+def rendered_frames(cfg: StationConfig, world: BeltWorld, cam: SimCamera, clock: VirtualClock, every: int,
+                    start: int = 0) -> Iterator[tuple[int, Frame]]:
+    """Every `every`th camera frame (and its number, counted from `start`) until the last item has passed.
 
-    An item cut by the image edge is left out: a bench scores views the station could have
-    decided on, and a cut item's box says little about what the model can see of it. The belt
-    between rendered frames still runs (and settles), so the line's timing is the real one.
+    The belt between rendered frames still runs and settles, so the line's timing is the real one.
     """
-    k = 0
+    k = start
     while not world.all_items_past():
         t = k / cfg.camera.fps
         clock.advance_to(t)
@@ -33,8 +31,19 @@ def whole_item_views(cfg: StationConfig, world: BeltWorld, cam: SimCamera, clock
             continue
         frame = cam.render_at(t)
         world.settle()
+        yield k, frame
+
+
+def whole_item_views(cfg: StationConfig, world: BeltWorld, cam: SimCamera, clock: VirtualClock,
+                     every: int) -> Iterator[tuple[Frame, list[tuple[str, Box, int]]]]:
+    """Every `every`th frame with the items wholly in it (kind, box, item id), distractors too.
+
+    An item cut by the image edge is left out: a bench scores views the station could have
+    decided on, and a cut item's box says little about what the model can see of it.
+    """
+    for _, frame in rendered_frames(cfg, world, cam, clock, every):
         W = frame.image.shape[1]
-        items = [it for it in cam.last_items if it[1][0] > 5 and it[1][2] < W - 5]   # distractors too
+        items = [it for it in cam.last_items if it[1][0] > 5 and it[1][2] < W - 5]
         if items:
             yield frame, items
 
