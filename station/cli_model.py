@@ -36,6 +36,11 @@ def cmd_dataset_synth(a: argparse.Namespace) -> int:
     settings = SynthSettings(line_look_p=a.line_look)
     if a.board_battery is not None:
         settings.attach_battery_p = a.board_battery
+    if a.distractor_share is not None:
+        if not 0.0 <= a.distractor_share <= 1.0:
+            print(f"--distractor-share {a.distractor_share}: expected a share between 0 and 1", file=sys.stderr)
+            return 2
+        settings.distractor_p = a.distractor_share
     for spec in a.class_weight or []:
         name, _, w = spec.partition("=")
         if name not in settings.class_weights or not w:
@@ -202,6 +207,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="share of scenes under a station's fixed plain look (the rest fully randomised)")
     s.add_argument("--board-battery", type=float, default=None,
                    help="share of boards that carry a battery (default 0.12): raise it to teach attached cells")
+    s.add_argument("--distractor-share", type=float, default=None,
+                   help="share of items that are distractors, unlabelled cables, plastic and screws (default 0.25): "
+                        "raise it to teach what not to box")
     s.add_argument("--class-weight", action="append", metavar="CLASS=WEIGHT",
                    help="relative frequency of a class in the scenes (default 1 each); repeatable")
     s.add_argument("--subtype-weight", action="append", metavar="CLASS/SUBTYPE=WEIGHT",

@@ -125,3 +125,27 @@ def test_subtype_weights_change_one_class_mix_and_nothing_else(tmp_path, capsys)
     assert rc == 2 and "0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no subtype of li_ion_cell"):
         subtypes("li_ion_cell", {"li_ion_cell/18650": 0.0, "li_ion_cell/21700": 0.0})
+
+
+def test_distractor_share_sets_how_many_unlabelled_negatives_a_scene_holds(tmp_path, capsys):
+    """`--distractor-share`: the far view read plastic fragments as batteries, so a set can carry more of
+    the things it must not box; they stay unlabelled (negatives), and a share outside 0..1 is refused."""
+    from station.cli import main
+
+    def negatives_and_labels(share: float) -> tuple[int, int]:
+        rng = np.random.default_rng(4)
+        cfg = SynthSettings(distractor_p=share)
+        scenes = [render_scene(rng, cfg, with_distractors=True) for _ in range(60)]
+        return sum(len(d) for _, _, d in scenes), sum(len(labels) for _, labels, _ in scenes)
+
+    none_neg, none_lab = negatives_and_labels(0.0)
+    many_neg, many_lab = negatives_and_labels(0.6)
+    assert none_neg == 0 and none_lab > 0
+    assert many_neg > many_lab / 2                 # ~0.6 of the items, less what overlap hides
+
+    rc = main(["dataset", "synth", "--n", "2", "--workers", "1", "--out", str(tmp_path / "d"),
+               "--distractor-share", "0.6"])
+    assert rc == 0
+    assert '"distractor_p": 0.6' in (tmp_path / "d" / "manifest.json").read_text()
+    rc = main(["dataset", "synth", "--n", "2", "--out", str(tmp_path / "x"), "--distractor-share", "1.5"])
+    assert rc == 2 and "between 0 and 1" in capsys.readouterr().err
