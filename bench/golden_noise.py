@@ -22,29 +22,20 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vision.detector import Detector  # noqa: E402
-from vision.evaluation import (MAP_CONF, MAP_MAX_DET, EvalConfig, average_precision, match_coco,  # noqa: E402
-                               read_labels, split_samples)
+from vision.evaluation import EvalConfig, average_precision, map_detector, matched_images, split_for  # noqa: E402
 
 
-def per_image(model: str, samples: list, threads: int) -> tuple[list[str], list[list[tuple[np.ndarray, np.ndarray, int]]]]:
+def per_image(model: str, golden: str, cfg: EvalConfig) -> tuple[list[str], list[list[tuple[np.ndarray, np.ndarray, int]]]]:
     """For each image and class: the detections' scores, whether each is a TP at IoU 0.5, and the ground truths."""
-    det = Detector(model, conf_threshold=MAP_CONF, iou_threshold=EvalConfig().iou_threshold, threads=threads,
-                   max_detections=MAP_MAX_DET, agnostic_nms=False)
+    det = map_detector(model, cfg)
     names = list(det.names)
     out = []
-    for s in samples:
-        img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
-        H, W = img.shape[:2]
-        gt_boxes, gt_cls = read_labels(s.label, W, H)
-        d = det(img)
-        tp = match_coco(d.boxes, d.scores, d.class_ids, gt_boxes, gt_cls)[:, :1]
-        out.append([(d.scores[d.class_ids == c], tp[d.class_ids == c], int((gt_cls == c).sum()))
+    for _, _, gt_cls, d, tp in matched_images(det, split_for(det, golden, cfg)):
+        out.append([(d.scores[d.class_ids == c], tp[d.class_ids == c, :1], int((gt_cls == c).sum()))
                     for c in range(len(names))])
     return names, out
 
@@ -66,18 +57,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    samples, _ = split_samples(Path(a.golden), a.split)
-    names, cand = per_image(a.candidate, samples, a.threads)
-    names_a, act = per_image(a.active, samples, a.threads)
+    cfg = EvalConfig(split=a.split, threads=a.threads)
+    names, cand = per_image(a.candidate, a.golden, cfg)
+    names_a, act = per_image(a.active, a.golden, cfg)
     if names != names_a:
         print(f"the models' classes differ: {names} / {names_a}", file=sys.stderr)
         return 2
     rng = np.random.default_rng(a.seed)
-    n = len(samples)
+    n = len(cand)
     draws = [rng.integers(0, n, n) for _ in range(a.resamples)]
     everything = np.arange(n)
     result = {}
-    print(f"{len(samples)} images of {a.golden} [{a.split}], {a.resamples} paired resamples (seed {a.seed})")
+    print(f"{n} images of {a.golden} [{a.split}], {a.resamples} paired resamples (seed {a.seed})")
     print(f"{'class':12s} {'inst':>5s} {'cand':>6s} {'active':>6s} {'diff':>7s}   90 % interval of diff   P(diff<0)")
     for c, name in enumerate(names):
         diffs = np.array([ap50(cand, d, c) - ap50(act, d, c) for d in draws])

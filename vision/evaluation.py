@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import yaml
 
-from vision.detections import box_iou
+from vision.detections import Detections, box_iou
 from vision.detector import Detector
 
 log = logging.getLogger(__name__)
@@ -296,18 +296,46 @@ def _fp_summary(counts: list[np.ndarray], names: list[str]) -> dict:
             "by_class": {names[i]: int(v) for i, v in enumerate(per_class) if v}}
 
 
-def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    cfg = cfg or EvalConfig()
-    det = Detector(model, conf_threshold=MAP_CONF, iou_threshold=cfg.iou_threshold, threads=cfg.threads,
-                   max_detections=MAP_MAX_DET, agnostic_nms=False)     # mAP as COCO and ultralytics count it
+def map_detector(model: str | Path, cfg: EvalConfig) -> Detector:
+    """The station's detector set up as COCO and ultralytics count mAP (every box down to 0.001)."""
+    return Detector(model, conf_threshold=MAP_CONF, iou_threshold=cfg.iou_threshold, threads=cfg.threads,
+                    max_detections=MAP_MAX_DET, agnostic_nms=False)
+
+
+def split_for(det: Detector, data_yaml: str | Path, cfg: EvalConfig) -> list[Sample]:
+    """The samples of `cfg.split`, refused unless the data's classes are the model's."""
     samples, data_names = split_samples(Path(data_yaml), cfg.split)
     names = list(det.names)
     if data_names != names:
         raise DatasetError(f"{data_yaml}: the dataset's classes {data_names} are not the model's {names} "
                            "(same names, same order); evaluate a model on data of its own taxonomy")
-    if cfg.limit:
-        samples = samples[: cfg.limit]
+    return samples[: cfg.limit] if cfg.limit else samples
+
+
+def matched_images(det: Detector, samples: list[Sample]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                            Detections, np.ndarray]]:
+    """Each sample read, its labels checked, detected and matched: (image, ground-truth boxes and
+    classes, detections, COCO true-positive matrix). One loop for `evaluate` and for benches that
+    need the per-image figures (bench/golden_noise.py resamples images)."""
+    nc = len(det.names)
+    for s in samples:
+        img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DatasetError(f"{s.image}: OpenCV cannot read this image")
+        H, W = img.shape[:2]
+        gt_boxes, gt_cls = read_labels(s.label, W, H)
+        if len(gt_cls) and (gt_cls.min() < 0 or gt_cls.max() >= nc):
+            raise DatasetError(f"{s.label}: class id out of range 0..{nc - 1}")
+        d = det(img)
+        yield img, gt_boxes, gt_cls, d, match_coco(d.boxes, d.scores, d.class_ids, gt_boxes, gt_cls)
+
+
+def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    cfg = cfg or EvalConfig()
+    det = map_detector(model, cfg)
+    samples = split_for(det, data_yaml, cfg)
+    names = list(det.names)
     nc = len(names)
     acc = [_ClassAcc() for _ in range(nc)]
     cm = np.zeros((nc + 1, nc + 1), np.int64)
@@ -316,17 +344,8 @@ def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = 
     label_free: list[np.ndarray] = []
     images: list[np.ndarray] = []
     sizes: set[tuple[int, int]] = set()
-    for k, s in enumerate(samples):
-        img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
-        if img is None:
-            raise DatasetError(f"{s.image}: OpenCV cannot read this image")
-        H, W = img.shape[:2]
-        sizes.add((H, W))
-        gt_boxes, gt_cls = read_labels(s.label, W, H)
-        if len(gt_cls) and (gt_cls.min() < 0 or gt_cls.max() >= nc):
-            raise DatasetError(f"{s.label}: class id out of range 0..{nc - 1}")
-        d = det(img)
-        tp = match_coco(d.boxes, d.scores, d.class_ids, gt_boxes, gt_cls)
+    for k, (img, gt_boxes, gt_cls, d, tp) in enumerate(matched_images(det, samples)):
+        sizes.add(img.shape[:2])
         for c in range(nc):
             m = d.class_ids == c
             acc[c].scores.append(d.scores[m])
