@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -158,6 +159,11 @@ def quantize_static_int8(model: Path, calib_yaml: Path, out: Path, n_images: int
         p.key, p.value = k, str(v)
     onnx.save(q, str(out))
     info["out"] = str(out)
+    # the float weights travel with the int8 file: `kozan model train --from <int8 version>` fine-tunes
+    # them (int8 has no training weights of its own), as the registry's layout promises for every model
+    if model.with_suffix(".pt").exists() and model.with_suffix(".pt").resolve() != out.with_suffix(".pt").resolve():
+        shutil.copy2(model.with_suffix(".pt"), out.with_suffix(".pt"))
+        info["weights"] = str(out.with_suffix(".pt"))
     info["version"] = meta["kozan_version"]
     info["sanity"] = _sanity(model, out, images[: min(8, len(images))])
     return info

@@ -24,15 +24,26 @@ def calib_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def int8_model(calib_dataset, shipped_model, tmp_path_factory) -> tuple[Path, dict]:
+def float_model(shipped_model) -> Path:
+    """What quantisation starts from: the shipped model, or its float source when the shipped one is int8."""
+    meta = {p.key: p.value for p in onnx.load(str(shipped_model)).metadata_props}
+    if "kozan_quantization" not in meta:
+        return shipped_model
+    src = shipped_model.parent / f"{json.loads(meta['kozan_quantization'])['source_version']}.onnx"
+    assert src.exists(), f"the shipped int8 model's float source {src} is missing"
+    return src
+
+
+@pytest.fixture(scope="module")
+def int8_model(calib_dataset, float_model, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("q") / "det-int8.onnx"
-    info = quantize_static_int8(shipped_model, calib_dataset, out, n_images=8)
+    info = quantize_static_int8(float_model, calib_dataset, out, n_images=8)
     return out, info
 
 
-def test_metadata_carried_and_marked(int8_model, shipped_model):
+def test_metadata_carried_and_marked(int8_model, float_model):
     path, info = int8_model
-    f, q = model_card_meta(shipped_model), model_card_meta(path)
+    f, q = model_card_meta(float_model), model_card_meta(path)
     assert q["version"] == f["version"] + "-int8" == info["version"]
     assert q["names"] == f["names"] and q["input_hw"] == f["input_hw"]
     assert q["data_fingerprint"] == f["data_fingerprint"]
@@ -41,7 +52,15 @@ def test_metadata_carried_and_marked(int8_model, shipped_model):
     assert rec["format"] == "QDQ" and rec["calibration"]["images"] == 8 and rec["calibration"]["split"] == "train"
 
 
-def test_convs_quantised_head_decode_in_float(int8_model, shipped_model):
+def test_float_weights_travel_with_the_int8_file(int8_model, float_model):
+    """An int8 model has no training weights of its own; fine-tuning it starts from its float source's."""
+    path, info = int8_model
+    assert float_model.with_suffix(".pt").exists(), "the float model keeps its training weights beside it"
+    assert info["weights"] == str(path.with_suffix(".pt"))
+    assert path.with_suffix(".pt").read_bytes() == float_model.with_suffix(".pt").read_bytes()
+
+
+def test_convs_quantised_head_decode_in_float(int8_model, float_model):
     m = onnx.load(str(int8_model[0]))
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 100
@@ -53,15 +72,15 @@ def test_convs_quantised_head_decode_in_float(int8_model, shipped_model):
     # the decode tail after the last Convs stays float: nothing quantised feeds the output directly
     out = m.graph.output[0].name
     assert producer[out].op_type not in ("DequantizeLinear", "QuantizeLinear")
-    kept = set(head_float_nodes(onnx.load(str(shipped_model))))
-    assert {"Sigmoid", "Concat", "Softmax"} <= {n.op_type for n in onnx.load(str(shipped_model)).graph.node
+    kept = set(head_float_nodes(onnx.load(str(float_model))))
+    assert {"Sigmoid", "Concat", "Softmax"} <= {n.op_type for n in onnx.load(str(float_model)).graph.node
                                                 if n.name in kept}
 
 
-def test_int8_model_finds_what_the_float_model_finds(int8_model, calib_dataset, shipped_model):
+def test_int8_model_finds_what_the_float_model_finds(int8_model, calib_dataset, float_model):
     import cv2
 
-    f, q = Detector(shipped_model, threads=2), Detector(int8_model[0], threads=2)
+    f, q = Detector(float_model, threads=2), Detector(int8_model[0], threads=2)
     assert q.info.input_hw == f.info.input_hw
     matched = total = 0
     for s in split_samples(calib_dataset, "test")[0]:
@@ -78,11 +97,11 @@ def test_int8_model_finds_what_the_float_model_finds(int8_model, calib_dataset, 
     assert int8_model[1]["sanity"]["int8_max_score"] > 0.5
 
 
-def test_refuses_the_held_out_split(calib_dataset, shipped_model, tmp_path):
+def test_refuses_the_held_out_split(calib_dataset, float_model, tmp_path):
     with pytest.raises(QuantizeError, match="held out"):
-        quantize_static_int8(shipped_model, calib_dataset, tmp_path / "x.onnx", split="test")
+        quantize_static_int8(float_model, calib_dataset, tmp_path / "x.onnx", split="test")
     with pytest.raises(QuantizeError, match="method"):
-        quantize_static_int8(shipped_model, calib_dataset, tmp_path / "x.onnx", method="magic")
+        quantize_static_int8(float_model, calib_dataset, tmp_path / "x.onnx", method="magic")
     assert not (tmp_path / "x.onnx").exists()
 
 
