@@ -127,6 +127,7 @@ class Detector:
         h, w = self.info.input_hw
         self._canvas = np.full((h, w, 3), PAD_VALUE, np.uint8)
         self._tensor = np.empty((1, 3, h, w), np.float32)
+        self._planes = [np.empty((h, w), np.uint8) for _ in range(3)]
         self._geom: tuple[int, int, float, int, int, int, int] | None = None
         self._halves: list[np.ndarray] = []
 
@@ -148,15 +149,19 @@ class Detector:
         roi = self._canvas[dy:dy + nh, dx:dx + nw]
         src = image
         for buf in self._halves:
-            cv2.resize(src, (buf.shape[1], buf.shape[0]), dst=buf, interpolation=cv2.INTER_AREA)
+            # at exactly 2x, bilinear samples the middle of each 2x2 block: OpenCV's fixed-point
+            # arithmetic gives the area filter's (a+b+c+d+2)>>2 to the bit, ~0.1 ms sooner
+            cv2.resize(src, (buf.shape[1], buf.shape[0]), dst=buf, interpolation=cv2.INTER_LINEAR)
             src = buf
         # what is left is at most a halving (or an enlargement), where bilinear is what ultralytics
         # trains with; a larger odd-sized reduction keeps the slow, alias-free area filter
         interp = cv2.INTER_LINEAR if nw >= src.shape[1] / 2 else cv2.INTER_AREA
         cv2.resize(src, (nw, nh), dst=roi, interpolation=interp)
-        # BGR->RGB, HWC->CHW and 1/255 in one pass into the preallocated tensor
-        np.multiply(self._canvas[:, :, ::-1].transpose(2, 0, 1), np.float32(1 / 255.0), out=self._tensor[0],
-                    casting="unsafe")
+        # HWC->CHW by OpenCV's split, then BGR->RGB and 1/255 plane by plane into the preallocated tensor:
+        # contiguous planes take half the time of one pass over numpy's strided transpose (0.08 / 0.16 ms)
+        cv2.split(self._canvas, self._planes)
+        for c in range(3):
+            np.multiply(self._planes[2 - c], np.float32(1 / 255.0), out=self._tensor[0, c], casting="unsafe")
         return r, dx, dy
 
     @staticmethod
@@ -165,7 +170,7 @@ class Detector:
 
         Why: OpenCV's area filter at a fractional ratio (1280 -> 416 px) costs ~4-9 ms on one
         core, more than the rest of the station's per-frame work; at exactly 2x it is a 2x2 box
-        mean (~0.6 ms). Halving first and finishing bilinearly gives the same anti-aliased image
+        mean (~0.4 ms). Halving first and finishing bilinearly gives the same anti-aliased image
         the training images had (rendered, stored at 640 px by area, resized bilinearly).
         """
         bufs = []

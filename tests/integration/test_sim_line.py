@@ -62,7 +62,8 @@ def test_whole_station_with_the_shipped_model_on_300_items(tmp_path, shipped_mod
     rep = run_fast(StationConfig(), 300, seed=21, records_path=db)
     print(json.dumps({k: rep[k] for k in ("items", "purity", "recovery", "missed", "frames", "wall_s")}))
     assert rep["items"] == 300
-    # measured on exactly this run: det-v9 (shipped since 2026-11-25) purity 1.0 / recovery 0.9962; det-v4
+    # measured on exactly this run: det-v9-int8 (shipped since 2026-11-25) purity 1.0 / recovery 0.9886;
+    # det-v9 1.0 / 0.9962; det-v4
     # purity 0.9962 / recovery 0.9962 with both inspectors (insp-v2,
     # batt-v2; with batt-v1 0.9962 / 0.9924); 0.9805 / 0.9545 with insp-v1 alone; det-v4 alone:
     # 0.9839 / 0.9242; det-v3: 0.9684 / 0.928; det-v1: 0.90 / 0.41 on 200 items. The floors leave room for about 5 items either way: they guard
@@ -108,11 +109,12 @@ def test_board_inspector_finds_cells_the_detectors_far_view_misses(tmp_path):
                       "looks": near["station"]["board_looks"], "far_rec": far["recovery"], "near_rec": near["recovery"]}))
     assert far["station"]["board_looks"] == 0
     # every board track is looked at, at most `looks` times (3), and only while wholly in view. Looks are
-    # per track: det-v9 follows one of these 50 boards twice (lost, then found again too late to sort:
-    # `late_detection`), so 51 tracks are decided and 152 looks made
-    decided = near["station"]["decided"]
-    assert 50 <= decided <= 52
-    assert 50 <= near["station"]["board_looks"] <= 3 * decided
+    # per track, decided or not: det-v9 follows one of these 50 boards twice (lost, then found again too
+    # late to sort: `late_detection`), so 51 tracks are decided and 152 looks made; det-v9-int8 decides 50
+    # and makes 151, one look going to a track dropped undecided (`lost_tracks` 3; det-v9: 4)
+    decided, dropped = near["station"]["decided"], near["station"]["lost_tracks"]
+    assert 50 <= decided <= 52 and dropped <= 5
+    assert 50 <= near["station"]["board_looks"] <= 3 * (decided + dropped)
     # measured: 24 boards with a cell; far view 4 to manual, with the inspector 24 (insp-v2; insp-v1: 22)
     assert near_caught >= far_caught + 10 and near_caught >= 0.8 * n
     clean_to_manual = sum(v["bins"].get("0", 0) for k, v in near["per_class"].items() if k in ("board_high", "board_low"))
