@@ -52,8 +52,8 @@ def test_finds_the_items_on_the_simulated_line(detector):
     print(f"found {found}/{total}, right class {right_class}/{found}")
     assert total > 80
     assert found / total >= 0.9, (found, total)
-    # measured 2026-11-25: det-v9 and its int8 copy each found 176/180, 164 of them the right class; det-v4 found 176/180, 159 the
-    # right class (earlier notes: det-v3 158/176, det-v1 0.84): the cells' classes are the weak part
+    # measured 2026-11-25: det-v9 and its int8 copy each found 176/180, 164 of them the right class;
+    # det-v4 found 176/180, 159 the right class (earlier notes: det-v3 158/176, det-v1 0.84): the cells' classes are the weak part
     assert right_class / max(found, 1) >= 0.87, (right_class, found)
 
 
