@@ -82,6 +82,9 @@ def test_running_station_hot_swaps_refuses_bad_models_and_follows_the_registry(t
         reg.register(tmp_path / "copy.onnx", version=f"{v0}-copy")
         reg.set_active(f"{v0}-copy", "test")
         wait_for(lambda: st.core.model_version == f"{v0}-copy", 60, "the registry hot-swap")
+        # the core switches between two frames; the loader thread appends its record once it has seen the
+        # switch (it polls every 2 ms), so the record can trail the version by a moment
+        wait_for(lambda: len(st.swap_log) == 2, 10, "the hot-swap's record")
         rec = st.swap_log[-1]
         assert rec["ok"] and rec["switch"]["tracks_in_flight"] >= 0 and rec["frames_during"] >= 0
         print(f"\nhot-swap: load+validate {rec['load_s']} s, frames processed meanwhile {rec['frames_during']}, "
