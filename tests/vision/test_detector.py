@@ -142,13 +142,7 @@ def test_a_camera_frame_is_reduced_as_the_training_images_were(detector):
     img = cam.render_at(6.0).image
     x = detector.prepare(img)[0].copy()
     assert [b.shape for b in detector._halves] == [(360, 640, 3)]
-    h, w = detector.info.input_hw
-    r = min(h / 720, w / 1280)
-    nh, nw = round(720 * r), round(1280 * r)
-    ref = np.full((h, w, 3), 114, np.uint8)
-    dy, dx = (h - nh) // 2, (w - nw) // 2
-    ref[dy:dy + nh, dx:dx + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    ref_x = ref[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255
+    ref_x = _reference_input(detector, lambda nw, nh: cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA))
     diff = np.abs(x - ref_x).mean() * 255
     print(f"mean difference {diff:.2f} grey levels")
     assert diff < 1.5
@@ -166,9 +160,17 @@ def test_the_fast_reduction_is_the_area_filter_to_the_bit(detector):
     x = detector.prepare(img)[0].copy()
     half = cv2.resize(img, (640, 360), interpolation=cv2.INTER_AREA)
     assert np.array_equal(detector._halves[0], half)
+    assert np.array_equal(x, _reference_input(
+        detector, lambda nw, nh: cv2.resize(half, (nw, nh), interpolation=cv2.INTER_LINEAR)))
+
+
+def _reference_input(detector, reduce) -> np.ndarray:
+    """The model input for a 1280x720 frame, built the plain way: `reduce(nw, nh)` gives the reduced
+    image, padded grey (114) to the input size, BGR->RGB, CHW, 1/255."""
     h, w = detector.info.input_hw
-    nh, nw = round(720 * min(h / 720, w / 1280)), round(1280 * min(h / 720, w / 1280))
+    r = min(h / 720, w / 1280)
+    nh, nw = round(720 * r), round(1280 * r)
     ref = np.full((h, w, 3), 114, np.uint8)
     dy, dx = (h - nh) // 2, (w - nw) // 2
-    ref[dy:dy + nh, dx:dx + nw] = cv2.resize(half, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    assert np.array_equal(x, np.multiply(ref[:, :, ::-1].transpose(2, 0, 1), np.float32(1 / 255.0), dtype=np.float32))
+    ref[dy:dy + nh, dx:dx + nw] = reduce(nw, nh)
+    return np.multiply(ref[:, :, ::-1].transpose(2, 0, 1), np.float32(1 / 255.0), dtype=np.float32)

@@ -26,12 +26,12 @@ def calib_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def float_model(shipped_model) -> Path:
     """What quantisation starts from: the shipped model, or its float source when the shipped one is int8."""
+    from vision.registry import Registry
+
     meta = {p.key: p.value for p in onnx.load(str(shipped_model)).metadata_props}
     if "kozan_quantization" not in meta:
         return shipped_model
-    src = shipped_model.parent / f"{json.loads(meta['kozan_quantization'])['source_version']}.onnx"
-    assert src.exists(), f"the shipped int8 model's float source {src} is missing"
-    return src
+    return Registry(shipped_model.parent).entry(json.loads(meta["kozan_quantization"])["source_version"]).onnx
 
 
 @pytest.fixture(scope="module")
