@@ -2,14 +2,20 @@
 (letterbox + run + decode + NMS) vs ultralytics' predict (when the train extra is installed).
 
     .venv/bin/python bench/detector.py [--model models/active.onnx] [--frames 200] [--threads 2] [--rounds 1]
+                                       [--spin never|run|always] [--opencv-threads 2]
 
 Frames are 1280x720 renders of the simulated line with real items in them (the station's own
 camera). Prints per-frame median and p99 (ms), the mean detections per frame of each path, the
 ratios between the paths and the thread settings of each. The paths are timed interleaved, frame
 by frame in rotating order, so that a machine shared with other work loads them all alike; every
-onnxruntime session runs with the same intra-op thread count (ultralytics' own default is one
-thread per physical core; the bench replaces its session with one of --threads threads and says
-so). Benchmarks measure; tests never assert speed.
+onnxruntime session runs with the same intra-op thread count and spin setting (ultralytics' own
+default is one thread per physical core, spinning; the bench replaces its session with one set like
+the station's and says so). Thread settings default to the station's configuration (`detector.*`).
+
+`raw_session_run_spin_always` is the same model in a session left at onnxruntime's default spinning:
+in this tight single-threaded loop it is faster than the station's non-spinning session, which the
+station still runs because beside its capture and looks threads it drops fewer frames on 2 cores
+(MODEL_CARD.md, "Thread settings"). Benchmarks measure; tests never assert speed.
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from station.assembly import detector_settings  # noqa: E402
 from station.clock import VirtualClock  # noqa: E402
 from station.config import StationConfig  # noqa: E402
 from station.simline.camera import SimCamera  # noqa: E402
 from station.simline.world import BeltWorld  # noqa: E402
-from vision.detector import Detector  # noqa: E402
+from vision.detector import SPIN_MODES, Detector, make_session  # noqa: E402
 
 
 def frames(n: int, seed: int = 3) -> list[np.ndarray]:
@@ -103,11 +110,16 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=1, help="passes over the frames")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (every path)")
+    station = StationConfig()
+    ap.add_argument("--spin", choices=SPIN_MODES, default=detector_settings(station)["spin"],
+                    help="onnxruntime's busy-waiting, every path (default: the station's in `kozan run`)")
+    ap.add_argument("--opencv-threads", type=int, default=station.detector.opencv_threads,
+                    help="OpenCV's worker threads (default: the station's detector.opencv_threads)")
     ap.add_argument("--no-ultralytics", action="store_true")
     a = ap.parse_args()
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(a.opencv_threads)
     imgs = frames(a.frames)
-    det = Detector(a.model, threads=a.threads)
+    det = Detector(a.model, threads=a.threads, spin=a.spin)
     a.model = str(det.path)          # models/active.onnx -> the registry's active version's file
     tensor = det.prepare(imgs[0]).copy()
     name = det.session.get_inputs()[0].name
@@ -116,8 +128,12 @@ def main() -> int:
         "raw_session_run": lambda im: det.session.run(None, {name: tensor}),
         "station_detector": det,
     }
+    if a.spin != "always":
+        spinning = make_session(det.path, a.threads, "always")
+        paths["raw_session_run_spin_always"] = lambda im: spinning.run(None, {name: tensor})
     n_det = {"station_detector": float(np.mean([len(det(im)) for im in imgs]))}
-    threads: dict[str, object] = {"onnxruntime_intra_op": a.threads, "opencv": cv2.getNumThreads()}
+    threads: dict[str, object] = {"onnxruntime_intra_op": a.threads, "onnxruntime_spin": a.spin,
+                                  "opencv": cv2.getNumThreads()}
     skipped = None
     if not a.no_ultralytics:
         try:
@@ -136,19 +152,15 @@ def main() -> int:
             predict(imgs[0])
             sess = _ultralytics_session(m)
             ul_threads = sess.get_session_options().intra_op_num_threads if sess is not None else "unknown"
-            if sess is not None and ul_threads != a.threads:
-                # ultralytics opens onnxruntime with default options (intra-op 0: one per physical core);
-                # give it the same thread count as the station's paths so that the comparison is fair
-                import onnxruntime as ort
-
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = a.threads
-                so.inter_op_num_threads = 1
-                new = ort.InferenceSession(a.model, sess_options=so, providers=["CPUExecutionProvider"])
+            if sess is not None:
+                # ultralytics opens onnxruntime with default options (intra-op 0: one per physical core,
+                # spinning); give it the station's session settings so that the comparison is fair
+                new = make_session(Path(a.model), a.threads, a.spin)
                 for holder in _holders_of(m.predictor.model, sess):
                     holder.session = new
                 sess = _ultralytics_session(m)
-                ul_threads = f"{sess.get_session_options().intra_op_num_threads} (ultralytics' default {ul_threads} replaced)"
+                ul_threads = (f"{sess.get_session_options().intra_op_num_threads}, spin {a.spin} "
+                              f"(ultralytics' default {ul_threads}, spin always, replaced)")
             threads["ultralytics"] = {"onnxruntime_intra_op": ul_threads, "torch": torch.get_num_threads()}
             paths["ultralytics_predict"] = predict
             n_det["ultralytics_predict"] = float(np.mean([len(predict(im)[0].boxes) for im in imgs]))

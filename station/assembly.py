@@ -31,13 +31,30 @@ def geometry_from_config(cfg: StationConfig) -> BeltGeometry:
         raise ConfigError(str(e)) from None
 
 
-def build_detector(cfg: StationConfig):
+def detector_settings(cfg: StationConfig, beside_threads: bool = True) -> dict[str, Any]:
+    """The Detector's keyword arguments from `detector.*`: the start and every hot-swap alike.
+
+    `beside_threads`: capture, looks and the link run on threads of their own (real time). There,
+    onnxruntime's spinning workers take the cores those threads need: on 2 cores the loop dropped
+    more frames than with sleeping workers. In virtual time nothing else runs, and spinning inside a
+    run is the faster choice.
+    """
+    d = cfg.detector
+    spin = d.spin if d.spin != "auto" else ("never" if beside_threads else "run")
+    return dict(conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold, threads=d.intra_op_threads,
+                max_detections=d.max_detections, agnostic_nms=d.agnostic_nms, spin=spin)
+
+
+def build_detector(cfg: StationConfig, beside_threads: bool = True):
+    import cv2
+
     from vision.detector import Detector
 
-    d = cfg.detector
+    # OpenCV's pool is process-wide and defaults to one thread per CPU: on a larger PC than the
+    # 2 cores this is sized for it would crowd onnxruntime's threads; say it once, here
+    cv2.setNumThreads(cfg.detector.opencv_threads)
     # the Detector reads models/active.onnx as "the registry's active version" (models/ACTIVE.json)
-    return Detector(cfg.resolve(d.model), conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold,
-                    threads=d.intra_op_threads, max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
+    return Detector(cfg.resolve(cfg.detector.model), **detector_settings(cfg, beside_threads))
 
 
 def build_looks(cfg: StationConfig, threaded: bool):

@@ -93,6 +93,13 @@ class DetectorConfig(_Section):
     conf_threshold: float = Field(0.25, ge=0, le=1)
     iou_threshold: float = Field(0.5, ge=0, le=1)
     intra_op_threads: int = Field(2, ge=1, le=64)
+    spin: Literal["auto", "never", "run", "always"] = Field(
+        "auto", description="when onnxruntime's workers busy-wait for work: never, only inside a run, or always "
+                            "(its default: on between runs too). auto: never in `kozan run`, where capture, looks "
+                            "and the link share the cores; run in the fast simulation, where nothing runs beside "
+                            "the loop (measurements: MODEL_CARD.md, thread settings)")
+    opencv_threads: int = Field(2, ge=1, le=64, description="OpenCV's worker threads, process-wide "
+                                "(the letterbox, camera conversions, crops)")
     max_detections: int = Field(100, ge=1, le=1000)
     agnostic_nms: bool = Field(True, description="suppress overlapping boxes across classes: one place on the belt, "
                                                  "one item (false: per class, as in COCO evaluation)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from station.alarms import AlarmBoard, Severity
-from station.assembly import build_detector, build_looks, geometry_from_config, open_link
+from station.assembly import build_detector, build_looks, detector_settings, geometry_from_config, open_link
 from station.clock import MonotonicClock
 from station.config import StationConfig
 from station.core import FrameResult, StationCore, command_id_base
@@ -212,12 +212,9 @@ class Station:
         t0 = time.monotonic()
         frames0, dropped0 = self.core.counters.frames, self.mailbox.dropped
         rec: dict[str, Any] = {"path": str(path), "from": self.core.model_version}
-        d = self.cfg.detector
         try:
             det = load_for_station(path, tuple(self.detector.names), tuple(load_taxonomy().names),
-                                   (self.cfg.camera.height, self.cfg.camera.width), conf_threshold=d.conf_threshold,
-                                   iou_threshold=d.iou_threshold, threads=d.intra_op_threads,
-                                   max_detections=d.max_detections, agnostic_nms=d.agnostic_nms)
+                                   (self.cfg.camera.height, self.cfg.camera.width), **detector_settings(self.cfg))
             rec["load_s"] = round(time.monotonic() - t0, 3)
             v = version or det.info.version
             n_swaps = len(self.core.swaps)

@@ -57,7 +57,7 @@ def run_fast(cfg: StationConfig, n_items: int, seed: int | None = None, records_
         from station.simline.oracle import OracleDetector
         det = OracleDetector(camera)
     else:
-        det = detector or build_detector(cfg)
+        det = detector or build_detector(cfg, beside_threads=False)   # virtual time: one thread
     tmp = None
     if records_path is None:
         tmp = tempfile.TemporaryDirectory(prefix="kozan-sim-")

@@ -61,7 +61,13 @@ def read_model_info(session: ort.InferenceSession, path: Path) -> ModelInfo:
                      data_fingerprint=meta.get("kozan_data_fingerprint", "unknown"))
 
 
-def make_session(path: Path, threads: int) -> ort.InferenceSession:
+SPIN_MODES = ("run", "always", "never")
+
+
+def make_session(path: Path, threads: int, spin: str = "always") -> ort.InferenceSession:
+    """`spin`: when onnxruntime's intra-op workers busy-wait for work rather than sleep. "always" is
+    onnxruntime's default (they spin on after a run returns, on cores other threads need); "run"
+    spins only inside a run; "never" sleeps between every parallel section."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: model file not found; check detector.model in the configuration "
@@ -71,6 +77,10 @@ def make_session(path: Path, threads: int) -> ort.InferenceSession:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if spin not in SPIN_MODES:
+        raise ValueError(f"spin={spin!r}: expected one of {SPIN_MODES}")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1" if spin == "run" else "0")
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for corrupt protobufs
@@ -107,12 +117,14 @@ class Detector:
     """One onnxruntime session and its reusable buffers. Not thread-safe: one loop owns it."""
 
     def __init__(self, model_path: str | Path, conf_threshold: float = 0.25, iou_threshold: float = 0.5,
-                 threads: int = 2, max_detections: int = 100, agnostic_nms: bool = True):
+                 threads: int = 2, max_detections: int = 100, agnostic_nms: bool = True,
+                 spin: str = "always"):
         from vision.registry import resolve_model_path
 
         # `models/active.onnx` names the registry's active version wherever a path is given (config, CLI, bench)
         self.path = resolve_model_path(Path(model_path))
-        self.session = make_session(self.path, threads)
+        self.spin = spin
+        self.session = make_session(self.path, threads, spin)
         self.info = read_model_info(self.session, self.path)
         self.conf = conf_threshold
         self.iou = iou_threshold

@@ -445,7 +445,8 @@ def measure_latency(det: Detector, images: list[np.ndarray], conf: float, warmup
             "session_run_median_ms": round(float(np.median(raw_ms)), 2),
             "session_run_p99_ms": round(float(np.percentile(raw_ms, 99)), 2),
             "threads": {"onnxruntime_intra_op": so.intra_op_num_threads,
-                        "onnxruntime_inter_op": so.inter_op_num_threads, "opencv": cv2.getNumThreads()}}
+                        "onnxruntime_inter_op": so.inter_op_num_threads, "onnxruntime_spin": det.spin,
+                        "opencv": cv2.getNumThreads()}}
 
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:

@@ -5,7 +5,7 @@ from station.clock import VirtualClock
 from station.config import StationConfig
 from station.simline.camera import SimCamera
 from station.simline.world import BeltWorld
-from vision.detector import Detector, ModelError, nms_per_class
+from vision.detector import Detector, ModelError, make_session, nms_per_class
 from vision.taxonomy import load_taxonomy
 
 
@@ -77,6 +77,18 @@ def test_corrupt_and_missing_models_are_refused_clearly(tmp_path, shipped_model)
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError):
         Detector(half)
+
+
+@pytest.mark.parametrize("spin,allow,stop", [("always", "1", "0"), ("run", "1", "1"), ("never", "0", "0")])
+def test_spin_setting_reaches_onnxruntime(shipped_model, spin, allow, stop):
+    so = make_session(shipped_model, 2, spin).get_session_options()
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    assert so.get_session_config_entry("session.force_spinning_stop") == stop
+
+
+def test_unknown_spin_is_refused_by_name(shipped_model):
+    with pytest.raises(ValueError, match="spin='sometimes'.*never"):
+        make_session(shipped_model, 2, "sometimes")
 
 
 def test_wrong_image_shape_is_an_error(detector):
