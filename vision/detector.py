@@ -205,13 +205,14 @@ class Detector:
 
     def decode(self, out: np.ndarray, r: float, dx: int, dy: int, W: int, H: int) -> Detections:
         cls_scores = out[4:]
-        class_ids = cls_scores.argmax(0)
-        scores = cls_scores[class_ids, np.arange(cls_scores.shape[1])]
+        # the best score per anchor by a row-wise max, and the class only for the few anchors kept:
+        # an argmax down the columns of all ~2200 anchors cost 5x as long (0.077 / 0.016 ms)
+        scores = cls_scores.max(0)
         keep = scores > self.conf
         if not keep.any():
             return Detections.empty()
         b = out[:4, keep].T
-        scores, class_ids = scores[keep], class_ids[keep]
+        scores, class_ids = scores[keep], cls_scores[:, keep].argmax(0)
         boxes = np.empty_like(b)
         boxes[:, 0] = (b[:, 0] - b[:, 2] / 2 - dx) / r
         boxes[:, 1] = (b[:, 1] - b[:, 3] / 2 - dy) / r

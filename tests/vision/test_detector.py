@@ -91,6 +91,23 @@ def test_unknown_spin_is_refused_by_name(shipped_model):
         make_session(shipped_model, 2, "sometimes")
 
 
+def test_decode_keeps_each_anchors_best_class_above_the_threshold(detector):
+    """Hand-made head output: per anchor the best class decides, ties go to the lower class id (as
+    an argmax), and an anchor whose best class is under the threshold is dropped whatever the rest."""
+    nc = len(detector.names)
+    out = np.zeros((4 + nc, 5), np.float32)
+    out[:4] = np.array([[100, 300, 500, 700, 900], [50, 50, 50, 50, 50], [40, 40, 40, 40, 40],
+                        [20, 20, 20, 20, 20]], np.float32)   # cx, cy, w, h: five boxes apart
+    out[4 + 2, 0] = 0.9                      # class 2 only
+    out[4 + 1, 1], out[4 + 5, 1] = 0.4, 0.7  # class 5 beats class 1
+    out[4 + 3, 2] = out[4 + 6, 2] = 0.6      # a tie: the lower id
+    out[4:, 3] = 0.2                         # every class under 0.25: dropped
+    out[4 + 7, 4] = 0.26                     # just over
+    d = detector.decode(out, 1.0, 0, 0, 1280, 720)
+    got = sorted(zip(d.boxes[:, 0].round().astype(int).tolist(), d.class_ids.tolist(), d.scores.astype(float).round(2).tolist()))
+    assert got == [(80, 2, 0.9), (280, 5, 0.7), (480, 3, 0.6), (880, 7, 0.26)]
+
+
 def test_wrong_image_shape_is_an_error(detector):
     with pytest.raises(ValueError, match="HxWx3"):
         detector(np.zeros((720, 1280), np.uint8))
