@@ -179,7 +179,7 @@ def cmd_model_quantize(a: argparse.Namespace) -> int:
 
     try:
         info = quantize_static_int8(Path(a.model), Path(a.calib), Path(a.out), n_images=a.images,
-                                    split=a.split, method=a.method, seed=a.seed,
+                                    split=a.split, method=a.method, seed=a.seed, version=a.version,
                                     progress=_progress("calibration"))
     except (ModelError, DatasetError, QuantizeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -301,5 +301,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="minmax")
     q.add_argument("--seed", type=int, default=0, help="which calibration images are drawn")
     q.add_argument("--out", required=True, help="the int8 ONNX model to write")
+    q.add_argument("--version", default=None,
+                   help="the version the file names itself (default: the float model's, suffixed -int8)")
     q.set_defaults(func=cmd_model_quantize)
     __import__("station.cli_loop").cli_loop.add_loop_commands(sub)   # capture -> data -> registry (issue 7)

@@ -3,9 +3,11 @@
 Calibration images go through `Detector.prepare` — the station's own letterbox, colour order and
 scaling — so the activation ranges are those the model sees on the line. The detection head's
 non-Conv nodes stay in float: its decode concatenates box coordinates (hundreds of pixels) with
-class scores (0..1) into one tensor, and one int8 scale over both rounds every score to zero. Its
-Convs are quantised like the rest. The result carries the float model's metadata, with
-`kozan_version` suffixed `-int8` and a `kozan_quantization` record of how it was made.
+class scores (0..1) into one tensor, and one int8 scale over both rounds every score to zero. So
+does its DFL, the expectation over each box edge's 16 distance bins, rewritten first into a form
+onnxruntime runs fast in float (`float_dfl`). Its other Convs are quantised like the rest. The
+result carries the float model's metadata, with `kozan_version` suffixed `-int8` (or as given) and a
+`kozan_quantization` record of how it was made.
 
 Needs `onnx` (part of the `train` extra); the station only ever loads the result with onnxruntime.
 """
@@ -32,6 +34,82 @@ _MODULE = re.compile(r"^/model\.(\d+)/")
 
 class QuantizeError(RuntimeError):
     """Quantisation could not produce a usable model; the message says why and what to do."""
+
+
+def float_dfl(model) -> int:
+    """Rewrite the box head's DFL for float: returns how many were rewritten (0: no such pattern).
+
+    The DFL turns each box edge's 16 distance-bin logits into their expected bin: a transpose, a
+    softmax over the bins and a fixed 1x1 conv. It must stay in float. Quantised, the bin
+    probabilities have steps of 1/255, and every box edge moves by up to a fifth of a bin (measured:
+    golden mAP50-95 0.570 in int8 against 0.592 in float, 0.585 with the DFL alone in float). But in
+    float, in its exported layout, onnxruntime runs the softmax over a strided axis (1.05 ms against
+    0.16 ms in the int8 graph), and moving the bins last costs a 0.43 ms transpose. So the same
+    arithmetic is written along the bins where they lie, [1, 4, 16, A], with no data moved:
+    e = exp(x - max over bins); expected bin = (w @ e) / (1 @ e), both MatMuls over the bin axis.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        return 0      # before opset 13 Softmax(axis=1) flattens the trailing axes: another function
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def attr(node, name, default=None):
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    done = 0
+    for conv in [n for n in graph.node if n.op_type == "Conv" and len(n.input) == 2 and n.input[1] in inits]:
+        sm = producer.get(conv.input[0])
+        tr = producer.get(sm.input[0]) if sm is not None and sm.op_type == "Softmax" else None
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        if (tr is None or tr.op_type != "Transpose" or list(attr(tr, "perm", [])) != [0, 2, 1, 3]
+                or attr(sm, "axis", -1) != 1 or w.ndim != 4 or w.shape[0] != 1 or w.shape[2:] != (1, 1)
+                or len(consumers[sm.output[0]]) != 1 or len(consumers[tr.output[0]]) != 1):
+            continue
+        x = tr.input[0]                                   # [1, H, C, A]: the bins on axis 2
+        base = conv.name.rsplit("/", 1)[0]
+        c = w.shape[1]
+
+        def t(name: str) -> str:
+            return f"{base}/bins_{name}"
+
+        def node(op: str, inputs: list[str], out: str, name: str = "", **kw):
+            return helper.make_node(op, inputs, [out], name=t(name or op), **kw)
+
+        graph.initializer.extend([numpy_helper.from_array(w.reshape(1, c).astype(np.float32), t("weights")),
+                                  numpy_helper.from_array(np.ones((1, c), np.float32), t("ones"))])
+        if opset >= 18:       # ReduceMax takes its axes as an input from opset 18, as an attribute before
+            graph.initializer.append(numpy_helper.from_array(np.array([2], np.int64), t("axis")))
+            rmax = node("ReduceMax", [x, t("axis")], t("max"), keepdims=1)
+        else:
+            rmax = node("ReduceMax", [x], t("max"), axes=[2], keepdims=1)
+        new = [rmax,
+               node("Sub", [x, t("max")], t("shifted")),
+               node("Exp", [t("shifted")], t("exp")),
+               node("MatMul", [t("weights"), t("exp")], t("num"), name="MatMul_num"),
+               node("MatMul", [t("ones"), t("exp")], t("den"), name="MatMul_den"),
+               node("Div", [t("num"), t("den")], t("expect")),
+               # [1, H, 1, A] -> the conv's [1, 1, H, A]: a size-1 axis moves, no data does
+               helper.make_node("Transpose", [t("expect")], [conv.output[0]], perm=[0, 2, 1, 3], name=t("Transpose"))]
+        at = list(graph.node).index(tr)
+        for old in (tr, sm, conv):
+            graph.node.remove(old)
+        if len(consumers[conv.input[1]]) == 1:
+            graph.initializer.remove(inits[conv.input[1]])
+        for k, n in enumerate(new):
+            graph.node.insert(at + k, n)
+        done += 1
+    if done:
+        onnx.checker.check_model(model)
+    return done
 
 
 def head_float_nodes(model) -> list[str]:
@@ -85,7 +163,7 @@ class _Calibration:
 
 def quantize_static_int8(model: Path, calib_yaml: Path, out: Path, n_images: int = 200, split: str = "train",
                          method: str = "minmax", seed: int = 0, reduce_range: bool = True,
-                         progress: Callable[[int, int], None] | None = None) -> dict:
+                         version: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Write a static QDQ int8 model of `model` to `out`; returns a summary (also in the metadata).
 
     `reduce_range` (7-bit weights) is on by default: on x86 CPUs without VNNI, onnxruntime's u8s8
@@ -127,6 +205,9 @@ def quantize_static_int8(model: Path, calib_yaml: Path, out: Path, n_images: int
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
         pre_model = onnx.load(str(pre))
+        n_dfl = float_dfl(pre_model)
+        if n_dfl:
+            onnx.save(pre_model, str(pre))
         exclude = head_float_nodes(pre_model)
         extra = {"CalibMaxIntermediateOutputs": 16}   # bounded memory: ranges are merged every 16 images
         if method == "percentile":
@@ -145,12 +226,13 @@ def quantize_static_int8(model: Path, calib_yaml: Path, out: Path, n_images: int
     except Exception as e:  # the fingerprint is a record, not a requirement
         log.warning("no calibration data fingerprint: %s", e)
     info = {"source_model": str(model), "source_version": det.info.version, "format": "QDQ",
-            "activations": "uint8 (asymmetric)", "weights": "int8 per-channel" + (" reduced range" if reduce_range else ""),
+            "activations": "uint8 (asymmetric)",
+            "weights": "int8 per-channel" + (" reduced range" if reduce_range else ""),
             "calibration": {"method": method, "data": str(calib_yaml), "split": split, "images": len(images),
                             "seed": seed, "data_fingerprint": fingerprint,
                             "preprocessing": "vision.detector.Detector.prepare (letterbox, RGB, 1/255)"},
-            "float_nodes": len(exclude)}
-    meta.update({"kozan_version": f"{det.info.version}-int8",
+            "float_nodes": len(exclude), "float_dfl": n_dfl}
+    meta.update({"kozan_version": version or f"{det.info.version}-int8",
                  "kozan_quantization": json.dumps(info),
                  "description": (meta.get("description", "") + " — static int8 QDQ (onnxruntime)").strip(" —")})
     del q.metadata_props[:]
