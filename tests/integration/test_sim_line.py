@@ -63,9 +63,7 @@ def test_whole_station_with_the_shipped_model_on_300_items(tmp_path, shipped_mod
     print(json.dumps({k: rep[k] for k in ("items", "purity", "recovery", "missed", "frames", "wall_s")}))
     assert rep["items"] == 300
     # measured on exactly this run: det-v9-int8b and det-v9-int8 (shipped since 2026-11-25) purity 1.0 /
-    # recovery 0.9886;
-    # det-v9 1.0 / 0.9962; det-v4
-    # purity 0.9962 / recovery 0.9962 with both inspectors (insp-v2,
+    # recovery 0.9886; det-v9 1.0 / 0.9962; det-v4 purity 0.9962 / recovery 0.9962 with both inspectors (insp-v2,
     # batt-v2; with batt-v1 0.9962 / 0.9924); 0.9805 / 0.9545 with insp-v1 alone; det-v4 alone:
     # 0.9839 / 0.9242; det-v3: 0.9684 / 0.928; det-v1: 0.90 / 0.41 on 200 items. The floors leave room for about 5 items either way: they guard
     # the wiring and the models against regressions, not a figure to the last item.

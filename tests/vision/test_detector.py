@@ -53,7 +53,8 @@ def test_finds_the_items_on_the_simulated_line(detector):
     assert total > 80
     assert found / total >= 0.9, (found, total)
     # measured 2026-11-25: det-v9 and its int8 copy each found 176/180, 164 of them the right class;
-    # det-v4 found 176/180, 159 the right class (earlier notes: det-v3 158/176, det-v1 0.84): the cells' classes are the weak part
+    # det-v4 found 176/180, 159 the right class (earlier notes: det-v3 158/176, det-v1 0.84): the cells'
+    # classes are the weak part
     assert right_class / max(found, 1) >= 0.87, (right_class, found)
 
 
@@ -104,7 +105,8 @@ def test_decode_keeps_each_anchors_best_class_above_the_threshold(detector):
     out[4:, 3] = 0.2                         # every class under 0.25: dropped
     out[4 + 7, 4] = 0.26                     # just over
     d = detector.decode(out, 1.0, 0, 0, 1280, 720)
-    got = sorted(zip(d.boxes[:, 0].round().astype(int).tolist(), d.class_ids.tolist(), d.scores.astype(float).round(2).tolist()))
+    x0s, scores = d.boxes[:, 0].round().astype(int).tolist(), d.scores.astype(float).round(2).tolist()
+    got = sorted(zip(x0s, d.class_ids.tolist(), scores))
     assert got == [(80, 2, 0.9), (280, 5, 0.7), (480, 3, 0.6), (880, 7, 0.26)]
 
 

@@ -135,8 +135,10 @@ def test_the_box_heads_dfl_stays_float_and_its_rewrite_changes_no_output(int8_mo
     assert float_dfl(rewritten) == 1
     image = cv2.imread(str(split_samples(calib_dataset, "train")[0][0].image))
     x = Detector(float_model, threads=2).prepare(image).copy()
-    a = ort.InferenceSession(str(float_model), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
-    b = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    def run(model) -> np.ndarray:
+        return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+
+    a, b = run(str(float_model)), run(rewritten.SerializeToString())
     assert np.array_equal(a[:, 4:], b[:, 4:])                 # class scores: untouched
     assert np.abs(a[:, :4] - b[:, :4]).max() < 1e-3           # box coordinates (input pixels): float rounding only
 
