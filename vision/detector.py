@@ -229,6 +229,7 @@ def model_card_meta(path: Path) -> dict:
     """Metadata of a model file without keeping a session (for listings and checks)."""
     sess = make_session(path, 1)
     info = read_model_info(sess, path)
-    raw = sess.get_modelmeta().custom_metadata_map.get("kozan_input", "{}")
+    meta = sess.get_modelmeta().custom_metadata_map
     return {"names": list(info.names), "input_hw": list(info.input_hw), "version": info.version,
-            "data_fingerprint": info.data_fingerprint, "input": json.loads(raw)}
+            "embedded_version": meta.get("kozan_version"),
+            "data_fingerprint": info.data_fingerprint, "input": json.loads(meta.get("kozan_input", "{}"))}

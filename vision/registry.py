@@ -163,6 +163,13 @@ class Registry:
 
         onnx = Path(onnx)
         meta = model_card_meta(onnx)
+        embedded = meta["embedded_version"]
+        if version and embedded and version != embedded:
+            # the station names its model from the file (at start, in records, on the HMI) and the
+            # registry from the card: under two names one model's decisions could not be traced to it
+            raise RegistryError(f"{onnx} names itself {embedded!r} in its metadata, not {version!r}: register it "
+                                f"as {embedded!r}, or write the name into the file where it is made "
+                                "(`kozan model export --version`, `kozan model quantize --version`)")
         version = version or meta["version"]
         dst = self.root / f"{version}.onnx"
         if onnx.resolve() != dst.resolve():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import onnx
 import pytest
 
 from station.config import StationConfig
@@ -78,7 +79,9 @@ def test_running_station_hot_swaps_refuses_bad_models_and_follows_the_registry(t
         assert st.core.model_version == v0
         # promote a copy through the registry: the station notices and swaps while running
         reg = Registry(models)
-        shutil.copy2(models / "active.onnx", tmp_path / "copy.onnx")
+        copy = onnx.load(str(models / "active.onnx"))   # the same weights under a name of their own
+        next(p for p in copy.metadata_props if p.key == "kozan_version").value = f"{v0}-copy"
+        onnx.save(copy, str(tmp_path / "copy.onnx"))
         reg.register(tmp_path / "copy.onnx", version=f"{v0}-copy")
         reg.set_active(f"{v0}-copy", "test")
         wait_for(lambda: st.core.model_version == f"{v0}-copy", 60, "the registry hot-swap")

@@ -61,6 +61,16 @@ def test_versions_are_immutable(reg, tmp_path):
         reg.register(tmp_path / "a.onnx")
 
 
+def test_a_name_that_contradicts_the_files_own_is_refused_and_nothing_is_copied(reg, tmp_path):
+    """The station names its model from the file; a card under another name would split one model's
+    records between two names."""
+    tiny_onnx(tmp_path / "a.onnx", version="det-v2")
+    with pytest.raises(RegistryError, match="names itself 'det-v2'.*not 'det-v3'.*--version"):
+        reg.register(tmp_path / "a.onnx", "det-v3")
+    assert not (reg.root / "det-v3.onnx").exists() and not reg.card("det-v3")
+    assert reg.register(tmp_path / "a.onnx", "det-v2").version == "det-v2"
+
+
 def _gate(reg, version, tol=0.02, budget=1e9, **kw):
     return check_promotion(reg, version, RULES, NAMES, "gold1", tol, budget, latency=lambda p: 5.0, **kw)
 
