@@ -91,26 +91,23 @@ def make_session(path: Path, threads: int, spin: str = "always") -> ort.Inferenc
 
 def nms_per_class(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int,
                   agnostic: bool = False) -> np.ndarray:
-    """Greedy NMS in numpy: class-aware via the coordinate-offset trick, or across classes (`agnostic`)."""
+    """Greedy NMS, class-aware or across classes (`agnostic`): indices kept, best score first.
+
+    OpenCV's NMS in C++: the same greedy rule as a numpy loop (stable order by score, IoU > `iou`
+    suppresses; tests/vision/test_detector.py holds a plain reference that it must match), without a
+    dozen numpy calls per kept box (~0.2 ms for a line frame's ~20 candidates, against ~0.01 ms).
+    """
     if len(boxes) == 0:
         return np.zeros((0,), np.int64)
-    b = boxes if agnostic else boxes + classes.astype(np.float32)[:, None] * (float(boxes.max()) + 1.0)
-    x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    areas = (x1 - x0) * (y1 - y0)
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size and len(keep) < limit:
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        xx0 = np.maximum(x0[i], x0[rest])
-        yy0 = np.maximum(y0[i], y0[rest])
-        xx1 = np.minimum(x1[i], x1[rest])
-        yy1 = np.minimum(y1[i], y1[rest])
-        inter = np.clip(xx1 - xx0, 0, None) * np.clip(yy1 - yy0, 0, None)
-        ov = inter / (areas[i] + areas[rest] - inter + 1e-9)
-        order = rest[ov <= iou]
-    return np.asarray(keep, np.int64)
+    xywh = boxes.astype(np.float64)          # Rect2d: the IoU in double, class offsets without rounding
+    xywh[:, 2:] -= xywh[:, :2]
+    s = scores.astype(np.float32, copy=False)
+    # the caller has thresholded the scores already; 0 is the lowest threshold OpenCV takes
+    if agnostic:
+        idx = cv2.dnn.NMSBoxes(xywh, s, 0.0, iou)
+    else:
+        idx = cv2.dnn.NMSBoxesBatched(xywh, s, classes.astype(np.int32, copy=False), 0.0, iou)
+    return np.asarray(idx, np.int64).reshape(-1)[:limit]
 
 
 class Detector:
@@ -211,15 +208,13 @@ class Detector:
         keep = scores > self.conf
         if not keep.any():
             return Detections.empty()
-        b = out[:4, keep].T
+        b = out[:4, keep]                                   # cx, cy, w, h: one row each
         scores, class_ids = scores[keep], cls_scores[:, keep].argmax(0)
-        boxes = np.empty_like(b)
-        boxes[:, 0] = (b[:, 0] - b[:, 2] / 2 - dx) / r
-        boxes[:, 1] = (b[:, 1] - b[:, 3] / 2 - dy) / r
-        boxes[:, 2] = (b[:, 0] + b[:, 2] / 2 - dx) / r
-        boxes[:, 3] = (b[:, 1] + b[:, 3] / 2 - dy) / r
-        np.clip(boxes[:, 0::2], 0, W, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, H, out=boxes[:, 1::2])
+        half = b[2:] * 0.5
+        boxes = np.concatenate((b[:2] - half, b[:2] + half)).T   # x0 y0 x1 y1 in the model input
+        boxes -= np.array((dx, dy, dx, dy), np.float32)         # back to the camera frame
+        boxes /= np.float32(r)
+        np.clip(boxes, 0, np.array((W, H, W, H), np.float32), out=boxes)
         idx = nms_per_class(boxes, scores, class_ids, self.iou, self.max_det, self.agnostic)
         return Detections(boxes[idx].astype(np.float32), scores[idx].astype(np.float32),
                           class_ids[idx].astype(np.int32))

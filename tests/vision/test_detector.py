@@ -110,6 +110,18 @@ def test_decode_keeps_each_anchors_best_class_above_the_threshold(detector):
     assert got == [(80, 2, 0.9), (280, 5, 0.7), (480, 3, 0.6), (880, 7, 0.26)]
 
 
+def test_decode_maps_boxes_back_to_the_camera_frame_and_clips_them(detector):
+    """Model-input boxes (cx, cy, w, h) undo the letterbox's pad and scale, and stop at the frame's edges."""
+    nc = len(detector.names)
+    out = np.zeros((4 + nc, 2), np.float32)
+    out[:4, 0] = (60, 40, 20, 10)        # inside: x 50..70, y 35..45 in the input
+    out[:4, 1] = (200, 5, 40, 30)        # over the right and top edges of a 400x200 frame
+    out[4, :] = 0.9
+    d = detector.decode(out, 0.5, 10, 5, 400, 200)    # input = frame * 0.5, shifted by (10, 5)
+    got = sorted(d.boxes.round(3).tolist())
+    assert got == [[80.0, 60.0, 120.0, 80.0], [340.0, 0.0, 400.0, 30.0]]   # (340..420, -30..30) clipped
+
+
 def test_wrong_image_shape_is_an_error(detector):
     with pytest.raises(ValueError, match="HxWx3"):
         detector(np.zeros((720, 1280), np.uint8))
@@ -124,6 +136,46 @@ def test_nms_keeps_best_per_class_and_separates_classes():
     # the station's default: one place, one box, whatever classes the overlapping boxes carry
     keep = nms_per_class(boxes, scores, classes, iou=0.5, limit=10, agnostic=True)
     assert sorted(keep.tolist()) == [0, 3]
+
+
+def _greedy_nms(boxes, scores, classes, iou, agnostic):
+    """The rule written out plainly: best score first (ties: the earlier box), drop every box whose IoU
+    with a kept one exceeds `iou`; class-aware NMS only compares boxes of one class."""
+    kept: list[int] = []
+    for i in sorted(range(len(boxes)), key=lambda k: -scores[k]):
+        def overlap(j):
+            if not agnostic and classes[i] != classes[j]:
+                return 0.0
+            ix = max(0.0, min(boxes[i][2], boxes[j][2]) - max(boxes[i][0], boxes[j][0]))
+            iy = max(0.0, min(boxes[i][3], boxes[j][3]) - max(boxes[i][1], boxes[j][1]))
+            inter = ix * iy
+            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+            return inter / (area(boxes[i]) + area(boxes[j]) - inter)
+        if all(overlap(j) <= iou for j in kept):
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("agnostic", [True, False])
+def test_nms_is_the_greedy_rule_on_clusters_and_ties(agnostic):
+    """OpenCV's NMS, which the detector calls, against the rule written out: clustered boxes as a
+    detector gives them, scores rounded so that ties occur, the kept order best first."""
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n = int(rng.integers(1, 40))
+        c = rng.uniform(0, 1200, (n, 2))
+        wh = rng.uniform(5, 200, (n, 2))
+        dup = rng.integers(0, n, n // 2)                         # half the boxes jittered copies of others
+        c[: n // 2] = c[dup] + rng.normal(0, 6, (n // 2, 2))
+        wh[: n // 2] = wh[dup] * rng.uniform(0.8, 1.2, (n // 2, 1))
+        boxes = np.concatenate([c - wh / 2, c + wh / 2], 1).astype(np.float32)
+        scores = rng.uniform(0.25, 1, n).astype(np.float32)
+        if trial % 3 == 0:
+            scores = np.round(scores, 1).astype(np.float32)
+        classes = rng.integers(0, 8, n)
+        want = _greedy_nms(boxes.tolist(), scores.tolist(), classes.tolist(), 0.5, agnostic)
+        assert nms_per_class(boxes, scores, classes, 0.5, 100, agnostic).tolist() == want
+        assert nms_per_class(boxes, scores, classes, 0.5, 2, agnostic).tolist() == want[:2]
 
 
 def test_one_box_per_item_on_the_line(detector, shipped_model):
