@@ -1,6 +1,7 @@
-"""The running station under each onnxruntime spin setting: frames dropped, latency and CPU.
+"""The running station under each onnxruntime thread setting: frames dropped, latency and CPU.
 
-    .venv/bin/python bench/loop_threads.py [--spins always never run] [--rounds 2] [--duration 40] [--fps 60]
+    .venv/bin/python bench/loop_threads.py [--settings always/2 never/2 run/2 never/1] [--rounds 2]
+                                           [--duration 40] [--fps 60]
 
 Why a bench of the whole station: how onnxruntime's workers wait for work decides how the
 detector shares 2 cores with the capture, looks and link threads, and a detector timed alone
@@ -12,13 +13,15 @@ MJPG video of the simulated line (`camera.source=file:`, decoded like a USB came
 rendered once and kept under runs/bench/). The diverter MCU is the firmware simulator on a real
 pty, in a process of its own. The station runs on a calibration that `kozan calibrate` makes
 against the simulated camera, in a temporary folder. Both inspectors are on and the HMI is off.
-Settings are interleaved round by round, so a machine whose load drifts weighs on all of them.
+A setting is `detector.spin` / `detector.intra_op_threads` (with 1 thread onnxruntime has no
+workers to spin, so `never/1` stands for every spin). Settings are interleaved round by round, so
+a machine whose load drifts weighs on all of them.
 
 Prints per run: frames processed, frames dropped (replaced before the loop took them), the mean of
 the station's once-a-second latency p50 (capture to decisions), and the CPU seconds of the station
-process. Then per setting the medians, as ratios to onnxruntime's default (`always`), which is the
-baseline measured in the same run. The detector's thread settings come from the configuration
-(2 intra-op threads, OpenCV 2 threads by default). Benchmarks measure; tests never assert speed.
+process. Then per setting the medians, as ratios to the first setting (onnxruntime's default,
+`always/2`, unless told otherwise), which is the baseline measured in the same run. OpenCV's threads
+come from the configuration (2 by default). Benchmarks measure; tests never assert speed.
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def calibrate(folder: Path) -> Path:
     return cfgp
 
 
-def run_station(cfgp: Path, video: Path, spin: str, duration: float, fps: float) -> dict:
+def run_station(cfgp: Path, video: Path, spin: str, threads: int, duration: float, fps: float) -> dict:
     """One `kozan run` on the replayed video beside the MCU simulator; its summary, latency and CPU."""
     mcu = subprocess.Popen([sys.executable, "-m", "firmware_bridge.simulator"], cwd=ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -93,7 +96,7 @@ def run_station(cfgp: Path, video: Path, spin: str, duration: float, fps: float)
         proc = subprocess.run([sys.executable, "-m", "station.cli", "run", "-c", str(cfgp), "--duration", str(duration),
                                "--set", f"camera.source=file:{video}", "--set", f"camera.fps={fps}",
                                "--set", "hmi.enabled=false", "--set", f"link.port={pty}",
-                               "--set", f"detector.spin={spin}"],
+                               "--set", f"detector.spin={spin}", "--set", f"detector.intra_op_threads={threads}"],
                               cwd=ROOT, text=True, capture_output=True, timeout=duration + 120)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
@@ -101,36 +104,46 @@ def run_station(cfgp: Path, video: Path, spin: str, duration: float, fps: float)
         mcu.wait(timeout=10)
     summary = next((json.loads(x) for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
     if proc.returncode != 0 or summary is None:
-        raise SystemExit(f"kozan run ({spin}) failed with {proc.returncode}:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"kozan run ({spin}, {threads} threads) failed with {proc.returncode}:\n{proc.stderr[-2000:]}")
     lat = [float(x) for x in LATENCY.findall(proc.stdout)]
-    return {"spin": spin, "frames": summary["frames"], "dropped_frames": summary["dropped_frames"],
+    return {"setting": f"{spin}/{threads}", "frames": summary["frames"], "dropped_frames": summary["dropped_frames"],
             "missed": summary["missed"], "latency_p50_ms_mean": round(float(np.mean(lat)), 1) if lat else None,
             "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}
 
 
+def setting(text: str) -> str:
+    """`spin/threads`, checked before any run starts."""
+    spin, _, threads = text.partition("/")
+    if spin not in ("always", "never", "run") or not threads.isdigit() or int(threads) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: write spin/threads, e.g. never/1 (spin: always, never or run)")
+    return f"{spin}/{int(threads)}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spins", nargs="+", default=["always", "never", "run"], choices=["always", "never", "run"],
-                    help="settings to compare; the first is the baseline of the ratios")
+    ap.add_argument("--settings", nargs="+", type=setting, default=["always/2", "never/2", "run/2", "never/1"],
+                    help="spin/threads to compare; the first is the baseline of the ratios")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=float, default=40.0, help="seconds per run")
     ap.add_argument("--fps", type=float, default=60.0)
     a = ap.parse_args()
     video = line_video(ROOT / "runs" / "bench" / f"line-{a.fps:g}fps.avi", a.fps, 15.0)
     runs: list[dict] = []
+    names = list(dict.fromkeys(a.settings))
     with tempfile.TemporaryDirectory(prefix="kozan-bench-") as tmp:
         cfgp = calibrate(Path(tmp))
         for r in range(a.rounds):
-            for spin in a.spins:
-                res = run_station(cfgp, video, spin, a.duration, a.fps)
+            for name in names:
+                spin, threads = name.split("/")
+                res = run_station(cfgp, video, spin, int(threads), a.duration, a.fps)
                 runs.append(res)
                 print(f"round {r + 1}: {res}", flush=True)
     keys = ("dropped_frames", "latency_p50_ms_mean", "cpu_s")
-    med = {s: {k: round(float(np.median([x[k] for x in runs if x["spin"] == s])), 2) for k in keys} for s in a.spins}
-    base = a.spins[0]
-    ratios = {s: {k: round(v[k] / med[base][k], 3) if med[base][k] else None for k in keys} for s, v in med.items()}
-    for s in a.spins:
-        print(f"{s:<7} median {med[s]}  ratio to {base}: {ratios[s]}")
+    med = {n: {k: round(float(np.median([x[k] for x in runs if x["setting"] == n])), 2) for k in keys} for n in names}
+    base = names[0]
+    ratios = {n: {k: round(v[k] / med[base][k], 3) if med[base][k] else None for k in keys} for n, v in med.items()}
+    for n in names:
+        print(f"{n:<10} median {med[n]}  ratio to {base}: {ratios[n]}")
     print(json.dumps({"fps": a.fps, "duration_s": a.duration, "rounds": a.rounds, "cpu_count": os.cpu_count(),
                       "load_average": os.getloadavg(), "detector": StationConfig().detector.model_dump(),
                       "runs": runs, "median": med, f"ratio_to_{base}": ratios, "time": time.strftime("%FT%T")}))

@@ -6,6 +6,7 @@ everything downstream sees the same interfaces.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -41,8 +42,30 @@ def detector_settings(cfg: StationConfig, beside_threads: bool = True) -> dict[s
     """
     d = cfg.detector
     spin = d.spin if d.spin != "auto" else ("never" if beside_threads else "run")
-    return dict(conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold, threads=d.intra_op_threads,
+    return dict(conf_threshold=d.conf_threshold, iou_threshold=d.iou_threshold,
+                threads=detector_threads(d.intra_op_threads, beside_threads, usable_cpus()),
                 max_detections=d.max_detections, agnostic_nms=d.agnostic_nms, spin=spin)
+
+
+def detector_threads(configured: int | str, beside_threads: bool, cpus: int) -> int:
+    """onnxruntime's intra-op threads for `detector.intra_op_threads` (`auto` resolved here only).
+
+    Why 1 on 2 cores in real time: the second onnxruntime thread runs on the core that capture, the
+    looks and the link need, and every inference then waits for it (bench/loop_threads.py: 2 threads
+    dropped 0-11 frames in 40 s at 60 fps and took ~20 % more CPU; 1 thread dropped 0-3, and the
+    capture-to-decision latency was no worse). With more cores the 2 threads measured before stay.
+    """
+    if configured != "auto":
+        return int(configured)
+    return 1 if beside_threads and cpus <= 2 else 2
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        return os.cpu_count() or 1
 
 
 def build_detector(cfg: StationConfig, beside_threads: bool = True):

@@ -92,7 +92,11 @@ class DetectorConfig(_Section):
     model: str = Field("models/active.onnx", description="ONNX model path (relative to the repo root)")
     conf_threshold: float = Field(0.25, ge=0, le=1)
     iou_threshold: float = Field(0.5, ge=0, le=1)
-    intra_op_threads: int = Field(2, ge=1, le=64)
+    intra_op_threads: int | Literal["auto"] = Field(
+        "auto", description="onnxruntime's threads for one inference. auto: in `kozan run` 1 on a PC with 2 cores "
+                            "or fewer (the other core is capture's, the looks' and the link's; 2 threads there "
+                            "dropped more frames for 20 % more CPU), else 2; 2 in the fast simulation, where "
+                            "nothing runs beside the loop (measurements: MODEL_CARD.md, thread settings)")
     spin: Literal["auto", "never", "run", "always"] = Field(
         "auto", description="when onnxruntime's workers busy-wait for work: never, only inside a run, or always "
                             "(its default: on between runs too). auto: never in `kozan run`, where capture, looks "
@@ -101,6 +105,16 @@ class DetectorConfig(_Section):
     opencv_threads: int = Field(2, ge=1, le=64, description="OpenCV's worker threads, process-wide "
                                 "(the letterbox, camera conversions, crops)")
     max_detections: int = Field(100, ge=1, le=1000)
+
+    @field_validator("intra_op_threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> int | str:
+        if v == "auto":
+            return v
+        whole = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.strip().isdigit()
+        if not whole or not 1 <= int(v) <= 64:
+            raise ValueError("a thread count from 1 to 64, or auto")
+        return int(v)
     agnostic_nms: bool = Field(True, description="suppress overlapping boxes across classes: one place on the belt, "
                                                  "one item (false: per class, as in COCO evaluation)")
 
@@ -115,7 +129,7 @@ class InspectorConfig(_Section):
     looks: int = Field(3, ge=1, le=20, description="most crops inspected per board before its decision")
     spacing_mm: float = Field(60.0, ge=0, description="belt travel between two looks at the same item")
     min_hits: int = Field(1, ge=1, le=20, description="looks that must find a battery for the board to go to manual")
-    intra_op_threads: int = Field(1, ge=1, le=64, description="its looks run beside the detector's 2 threads: "
+    intra_op_threads: int = Field(1, ge=1, le=64, description="its looks run beside the detector's threads: "
                                   "on 2 cores, 2 more made the loop drop 23 of 900 frames, 1 none (kozan run, 30 s)")
     battery_model: str | None = Field("models/inspector/batt-v2.onnx",
                                       description="ONNX model trained on close crops of loose batteries: reads "
