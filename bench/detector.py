@@ -16,10 +16,10 @@ the station's and says so). Thread settings default to the station's configurati
 physical core) and its workers spinning inside the run: the model's own speed, as `kozan model eval`
 and the gate measure it. Its workers stop spinning when the run returns (`spin=run`): onnxruntime's
 own default (`always`) spins on after it and slows whichever path is timed next (measured: a
-2-thread session timed after two such sessions took 0.5 ms longer). In this tight loop, with nothing beside it, it is faster than the
-station's session, which the station still runs because beside its capture and looks threads it
-drops fewer frames on 2 cores (MODEL_CARD.md, "Thread settings"). Benchmarks measure; tests never
-assert speed.
+2-thread session timed after two such sessions took 0.5 ms longer). In this tight loop, with
+nothing beside it, it is faster than the station's session, which the station still runs because
+beside its capture and looks threads it drops fewer frames on 2 cores (MODEL_CARD.md, "Thread
+settings"). Benchmarks measure; tests never assert speed.
 """
 from __future__ import annotations
 

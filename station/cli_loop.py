@@ -335,7 +335,8 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
     s = msub.add_parser("register", help="card an exported ONNX model in the registry (copied in if elsewhere)")
     models_arg(s)
     s.add_argument("onnx")
-    s.add_argument("--version", default=None, help="default: the version in the model's metadata, which a given name must match")
+    s.add_argument("--version", default=None,
+                   help="default: the version in the model's metadata (a name given must match it)")
     s.add_argument("--parent", default=None, help="the version it was fine-tuned from")
     s.add_argument("--data", default=None, help="the data.yaml it was trained on (fingerprint)")
     s.add_argument("--golden", default=None, help="evaluate on this golden data.yaml now")

@@ -105,6 +105,8 @@ class DetectorConfig(_Section):
     opencv_threads: int = Field(2, ge=1, le=64, description="OpenCV's worker threads, process-wide "
                                 "(the letterbox, camera conversions, crops)")
     max_detections: int = Field(100, ge=1, le=1000)
+    agnostic_nms: bool = Field(True, description="suppress overlapping boxes across classes: one place on the belt, "
+                                                 "one item (false: per class, as in COCO evaluation)")
 
     @field_validator("intra_op_threads", mode="before")
     @classmethod
@@ -115,8 +117,6 @@ class DetectorConfig(_Section):
         if not whole or not 1 <= int(v) <= 64:
             raise ValueError("a thread count from 1 to 64, or auto")
         return int(v)
-    agnostic_nms: bool = Field(True, description="suppress overlapping boxes across classes: one place on the belt, "
-                                                 "one item (false: per class, as in COCO evaluation)")
 
 
 class InspectorConfig(_Section):

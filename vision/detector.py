@@ -139,6 +139,25 @@ class Detector:
         self._planes = [np.empty((h, w), np.uint8) for _ in range(3)]
         self._geom: tuple[int, int, float, int, int, int, int] | None = None
         self._halves: list[np.ndarray] = []
+        self._out, self._io = self._bind_buffers()
+
+    def _bind_buffers(self) -> tuple[np.ndarray | None, ort.IOBinding | None]:
+        """The session reads the input tensor and writes its output where they already lie.
+
+        Why: `session.run` allocates the ~100 KB output anew on every frame; bound to one array, a call
+        took ~0.08 ms less (in situ, interleaved). A model whose output shape is not fixed keeps
+        `session.run`. Nothing the decode returns points into the output array, which the next frame
+        overwrites.
+        """
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        if inp.type != "tensor(float)" or out.type != "tensor(float)" or \
+                not all(isinstance(d, int) for d in out.shape):
+            return None, None
+        buf = np.empty(out.shape, np.float32)
+        io = self.session.io_binding()
+        io.bind_input(inp.name, "cpu", 0, np.float32, list(self._tensor.shape), self._tensor.ctypes.data)
+        io.bind_output(out.name, "cpu", 0, np.float32, list(out.shape), buf.ctypes.data)
+        return buf, io
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -197,7 +216,11 @@ class Detector:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 BGR image, got shape {image.shape}")
         r, dx, dy = self._letterbox(image)
-        out = self.session.run(None, {self._input_name: self._tensor})[0][0]  # (4+nc, N)
+        if self._io is not None:
+            self.session.run_with_iobinding(self._io)
+            out = self._out[0]                                                       # (4+nc, N)
+        else:
+            out = self.session.run(None, {self._input_name: self._tensor})[0][0]
         return self.decode(out, r, dx, dy, image.shape[1], image.shape[0])
 
     def decode(self, out: np.ndarray, r: float, dx: int, dy: int, W: int, H: int) -> Detections:

@@ -58,6 +58,32 @@ def test_finds_the_items_on_the_simulated_line(detector):
     assert right_class / max(found, 1) >= 0.87, (right_class, found)
 
 
+def test_preallocated_output_gives_session_runs_detections_and_keeps_earlier_frames_intact(shipped_model):
+    """The session writes every frame's output into one array: the detections must be those of a plain
+    `session.run`, and a frame's detections must not change when the next frame is detected."""
+    bound = Detector(shipped_model, threads=1)
+    assert bound._io is not None                 # the shipped model's output shape is fixed
+    plain = Detector(shipped_model, threads=1)
+    plain._io = None                             # session.run, as for a model with a symbolic output shape
+    cfg = StationConfig()
+    clock = VirtualClock()
+    world = BeltWorld(cfg, clock, n_items=20, seed=5)
+    cam = SimCamera(cfg, world, clock, seed=5)
+    kept, frames = [], 0
+    for k in range(0, 300, 10):
+        clock.advance_to(k / 30)
+        img = cam.render_at(k / 30).image
+        world.settle()
+        d, ref = bound(img), plain(img)
+        assert np.array_equal(d.boxes, ref.boxes) and np.array_equal(d.scores, ref.scores)
+        assert np.array_equal(d.class_ids, ref.class_ids)
+        kept.append((d, d.boxes.copy(), d.scores.copy()))
+        frames += len(d) > 0
+    assert frames >= 10
+    for d, boxes, scores in kept:                # every later frame overwrote the output array
+        assert np.array_equal(d.boxes, boxes) and np.array_equal(d.scores, scores)
+
+
 def test_nothing_on_an_empty_belt(detector):
     cfg = StationConfig()
     clock = VirtualClock()
