@@ -41,6 +41,10 @@ RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAP_CONF = 0.001
 MAP_MAX_DET = 300
+# recall by size: the short side of a true box at the model's input, in px. A stride-8 head sees an
+# item under 8 px in one cell or none; cells and coin cells in the far view sit between 4 and 32 px
+SIZE_EDGES_PX = (8, 16, 32)
+SIZE_BINS = ("<8", "8-16", "16-32", ">=32")
 
 
 class DatasetError(RuntimeError):
@@ -176,28 +180,41 @@ def average_precision(tp: np.ndarray, scores: np.ndarray, n_gt: int) -> np.ndarr
     return ap
 
 
-def confusion_update(cm: np.ndarray, pred_boxes: np.ndarray, pred_cls: np.ndarray,
-                     gt_boxes: np.ndarray, gt_cls: np.ndarray, iou_threshold: float = 0.5) -> None:
-    """Rows: true class (last row: background = a detection of nothing); columns: predicted class
-    (last column: background = a missed item). Class-agnostic matching, highest IoU first."""
-    bg = cm.shape[0] - 1
+def match_operating(pred_boxes: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
+    """For each true box, the index of the detection matched to it, or -1. Class-agnostic, highest
+    IoU first: the confusion matrix's matching, which recall by size counts with too."""
+    match = np.full(len(gt_boxes), -1, np.int64)
+    if len(gt_boxes) == 0 or len(pred_boxes) == 0:
+        return match
     iou = box_iou(gt_boxes, pred_boxes)
     gi, pi = np.nonzero(iou >= iou_threshold)
-    used_g: set[int] = set()
     used_p: set[int] = set()
     for k in np.argsort(-iou[gi, pi], kind="stable"):
         g, p = int(gi[k]), int(pi[k])
-        if g in used_g or p in used_p:
+        if match[g] >= 0 or p in used_p:
             continue
-        used_g.add(g)
+        match[g] = p
         used_p.add(p)
-        cm[gt_cls[g], pred_cls[p]] += 1
-    for g in range(len(gt_boxes)):
-        if g not in used_g:
-            cm[gt_cls[g], bg] += 1
-    for p in range(len(pred_boxes)):
-        if p not in used_p:
-            cm[bg, pred_cls[p]] += 1
+    return match
+
+
+def confusion_update(cm: np.ndarray, pred_boxes: np.ndarray, pred_cls: np.ndarray,
+                     gt_boxes: np.ndarray, gt_cls: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
+    """Rows: true class (last row: background = a detection of nothing); columns: predicted class
+    (last column: background = a missed item). Returns `match_operating`'s matches."""
+    bg = cm.shape[0] - 1
+    match = match_operating(pred_boxes, gt_boxes, iou_threshold)
+    for g, p in enumerate(match):
+        cm[gt_cls[g], pred_cls[p] if p >= 0 else bg] += 1
+    for p in np.setdiff1d(np.arange(len(pred_boxes)), match[match >= 0]):
+        cm[bg, pred_cls[p]] += 1
+    return match
+
+
+def size_bins(gt_boxes: np.ndarray, scale: float) -> np.ndarray:
+    """Each true box's SIZE_BINS index: its short side in px at the model's input (image px x `scale`)."""
+    short = np.minimum(gt_boxes[:, 2] - gt_boxes[:, 0], gt_boxes[:, 3] - gt_boxes[:, 1]) * scale
+    return np.digitize(short, SIZE_EDGES_PX)
 
 
 def draw_confusion_matrix(cm: np.ndarray, names: list[str], title: str = "") -> np.ndarray:
@@ -342,6 +359,7 @@ def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = 
     op_tp = np.zeros(nc, np.int64)
     op_fp = np.zeros(nc, np.int64)
     label_free: list[np.ndarray] = []
+    by_size = np.zeros((3, nc, len(SIZE_BINS)), np.int64)     # instances, found, found as the right class
     images: list[np.ndarray] = []
     sizes: set[tuple[int, int]] = set()
     for k, (img, gt_boxes, gt_cls, d, tp) in enumerate(matched_images(det, samples)):
@@ -357,7 +375,9 @@ def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = 
         op_hit = tp[op, 0]
         np.add.at(op_tp, d.class_ids[op][op_hit], 1)
         np.add.at(op_fp, d.class_ids[op][~op_hit], 1)
-        confusion_update(cm, d.boxes[op], d.class_ids[op], gt_boxes, gt_cls, cfg.match_iou)
+        match = confusion_update(cm, d.boxes[op], d.class_ids[op], gt_boxes, gt_cls, cfg.match_iou)
+        _count_by_size(by_size, match, d.class_ids[op], gt_boxes, gt_cls,
+                       min(det.info.input_hw[0] / img.shape[0], det.info.input_hw[1] / img.shape[1]))
         if len(gt_cls) == 0:
             label_free.append(d.class_ids[op])
         if len(images) < 300:  # enough frames for a latency median and p99
@@ -406,6 +426,7 @@ def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = 
         "precision": round(tp_all / (tp_all + fp_all), 4) if tp_all + fp_all else None,
         "recall": round(tp_all / n_gt_all, 4) if n_gt_all else None,
         "per_class": per_class,
+        "recall_by_size": _recall_by_size(by_size, names, cfg),
         "confusion_matrix": {"labels": names + ["background"], "rows": "true", "columns": "predicted",
                              "conf": cfg.conf_threshold, "iou": cfg.match_iou, "matrix": cm.tolist()},
         "false_positives": {
@@ -416,6 +437,29 @@ def evaluate(model: str | Path, data_yaml: str | Path, cfg: EvalConfig | None = 
         "latency": latency,
     }
     return report
+
+
+def _count_by_size(by_size: np.ndarray, match: np.ndarray, pred_cls: np.ndarray, gt_boxes: np.ndarray,
+                   gt_cls: np.ndarray, scale: float) -> None:
+    b = size_bins(gt_boxes, scale)
+    found = match >= 0
+    right = found & (pred_cls[np.maximum(match, 0)] == gt_cls) if len(pred_cls) else found
+    for k, m in enumerate((np.ones_like(found), found, right)):
+        np.add.at(by_size[k], (gt_cls[m], b[m]), 1)
+
+
+def _recall_by_size(by_size: np.ndarray, names: list[str], cfg: EvalConfig) -> dict:
+    """Why a report needs it: mAP says how much is missed, not whether the misses are the items too
+    small for the input (a resolution limit) or items of any size (a training limit)."""
+    def rows(n: np.ndarray, found: np.ndarray, right: np.ndarray) -> dict:
+        share = lambda a: [round(float(x / m), 4) if m else None for x, m in zip(a, n)]  # noqa: E731
+        return {"instances": n.tolist(), "found": share(found), "right_class": share(right)}
+
+    n, found, right = by_size
+    return {"measure": "short side of the true box at the model's input, px", "bins": list(SIZE_BINS),
+            "conf": cfg.conf_threshold, "iou": cfg.match_iou,
+            "per_class": {name: rows(n[c], found[c], right[c]) for c, name in enumerate(names)},
+            "all": rows(n.sum(0), found.sum(0), right.sum(0))}
 
 
 def measure_latency(det: Detector, images: list[np.ndarray], conf: float, warmup: int = 5) -> dict:
@@ -476,6 +520,15 @@ def format_report(r: dict) -> str:
             return "-" if v is None else f"{v:.3f}"
         lines.append(f"{name:<14}{c['instances']:>6}{f(c['precision']):>8}{f(c['recall']):>8}"
                      f"{f(c['ap50']):>8}{f(c['ap50_95']):>9}")
+    rs = r.get("recall_by_size")
+    if rs:
+        lines.append(f"recall by size: the true box's short side at the model's input; instances: found / right "
+                     f"class (conf>{rs['conf']}, IoU {rs['iou']})")
+        lines.append(f"{'class':<14}" + "".join(f"{b + ' px':>19}" for b in rs["bins"]))
+        for name, row in [*rs["per_class"].items(), ("all", rs["all"])]:
+            cells = [f"{n}: {found:.2f} / {right:.2f}" if n else "-"
+                     for n, found, right in zip(row["instances"], row["found"], row["right_class"])]
+            lines.append(f"{name:<14}" + "".join(f"{c:>19}" for c in cells))
     for k, v in r["false_positives"].items():
         if v:
             lines.append(f"{k}: {v['frames_with_detection']}/{v['frames']} frames with a detection "

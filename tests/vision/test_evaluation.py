@@ -13,6 +13,7 @@ import pytest
 
 from vision.evaluation import (
     EvalConfig, average_precision, box_iou, confusion_update, evaluate, match_coco, render_distractor_frames,
+    size_bins,
     split_samples, write_report,
 )
 
@@ -73,6 +74,12 @@ def test_confusion_matrix_has_background_row_and_column():
                            [0, 1, 0]]     # a class-1 detection of nothing
 
 
+def test_size_bins_take_the_short_side_at_the_models_input():
+    boxes = _b([0, 0, 5, 50], [0, 0, 100, 10], [0, 0, 20, 30], [0, 0, 40, 40], [0, 0, 16, 16])
+    assert size_bins(boxes, 1.0).tolist() == [0, 1, 2, 3, 2]     # <8, 8-16, 16-32, >=32; 16 is 16-32
+    assert size_bins(boxes, 0.5).tolist() == [0, 0, 1, 2, 1]     # the same boxes in a half-size input
+
+
 # ------------------------------------------------------------------------------- a whole eval
 
 @pytest.fixture(scope="module")
@@ -101,6 +108,17 @@ def test_eval_of_the_shipped_model_on_rendered_data(report):
     # every labelled item lands exactly once in its true row: found as some class, or missed
     assert cm[:-1].sum() == report["instances"]
     assert np.trace(cm[:-1, :-1]) >= 0.6 * report["instances"]
+    # recall by size counts with the confusion matrix's matching: per class, the items found are the
+    # row's items not missed, the right-class ones its diagonal
+    rs = report["recall_by_size"]
+    assert rs["bins"] == ["<8", "8-16", "16-32", ">=32"]
+    for c, (name, row) in enumerate(rs["per_class"].items()):
+        n = np.asarray(row["instances"])
+        found = sum(round(f * k) for f, k in zip(row["found"], n) if k)
+        right = sum(round(f * k) for f, k in zip(row["right_class"], n) if k)
+        assert n.sum() == per[name]["instances"]
+        assert (found, right) == (cm[c, :-1].sum(), cm[c, c]), name
+    assert sum(rs["all"]["instances"]) == report["instances"]
     fp = report["false_positives"]["rendered_distractor_only_frames"]
     assert fp["frames"] == 2 and 0.0 <= fp["fp_frame_rate"] <= 1.0
     lat = report["latency"]
