@@ -114,9 +114,10 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=1, help="passes over the frames")
     station = StationConfig()
-    ap.add_argument("--threads", type=int, default=detector_settings(station)["threads"],
+    in_run = detector_settings(station)         # what `kozan run` resolves `auto` to on this machine
+    ap.add_argument("--threads", type=int, default=in_run["threads"],
                     help="onnxruntime intra-op threads, every path (default: the station's in `kozan run`)")
-    ap.add_argument("--spin", choices=SPIN_MODES, default=detector_settings(station)["spin"],
+    ap.add_argument("--spin", choices=SPIN_MODES, default=in_run["spin"],
                     help="onnxruntime's busy-waiting, every path (default: the station's in `kozan run`)")
     ap.add_argument("--opencv-threads", type=int, default=station.detector.opencv_threads,
                     help="OpenCV's worker threads (default: the station's detector.opencv_threads)")
